@@ -1,1 +1,3 @@
-//! devices crate
+//! Emulated and passthrough devices of minivmm, each behind the [`bus::BusDevice`] trait.
+
+pub mod bus;
