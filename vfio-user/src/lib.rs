@@ -1,0 +1,1 @@
+//! vfio-user protocol messages (libvfio-user docs/vfio-user.rst), shared by client and server.
