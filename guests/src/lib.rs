@@ -1,1 +1,184 @@
+//! Test guests for minivmm, embedded as ELF images.
+//!
+//! The images are built from `programs/*.rs` by `build.rs`; README.md describes the boot
+//! contract they expect and the serial protocol they speak.
 
+/// One embedded guest program.
+#[derive(Debug)]
+pub struct Guest {
+    /// Name used on minivmm's command line (`--guest NAME`).
+    pub name: &'static str,
+    /// One-line description for `minivmm guests`.
+    pub about: &'static str,
+    /// The ELF64 image, loadable like a vmlinux.
+    pub elf: &'static [u8],
+}
+
+macro_rules! guest {
+    ($name:literal, $about:literal) => {
+        Guest {
+            name: $name,
+            about: $about,
+            elf: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".elf")),
+        }
+    };
+}
+
+// Keep in sync with `GUESTS` in build.rs.
+static GUESTS: &[Guest] = &[
+    guest!(
+        "hello",
+        "prints a greeting and its command line on serial, exits 0"
+    ),
+    guest!(
+        "dirtier",
+        "writes and verifies RAM pages pass after pass with heartbeats (share= rate= hb_ms= passes= words=)"
+    ),
+    guest!(
+        "smp",
+        "starts every vCPU from the MP table with INIT-SIPI-SIPI; each reports on serial"
+    ),
+];
+
+/// Every embedded guest.
+pub fn all() -> &'static [Guest] {
+    GUESTS
+}
+
+/// The guest called `name`.
+pub fn find(name: &str) -> Option<&'static Guest> {
+    GUESTS.iter().find(|g| g.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PT_LOAD: u32 = 1;
+    const PF_X: u32 = 1;
+
+    fn u16_at(b: &[u8], off: usize) -> u16 {
+        u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+    }
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    struct Phdr {
+        p_type: u32,
+        flags: u32,
+        offset: u64,
+        vaddr: u64,
+        paddr: u64,
+        filesz: u64,
+        memsz: u64,
+    }
+
+    fn phdrs(elf: &[u8]) -> Vec<Phdr> {
+        let phoff = u64_at(elf, 0x20) as usize;
+        let phentsize = u16_at(elf, 0x36) as usize;
+        let phnum = u16_at(elf, 0x38) as usize;
+        assert_eq!(phentsize, 56, "Elf64_Phdr size");
+        (0..phnum)
+            .map(|i| {
+                let p = phoff + i * phentsize;
+                Phdr {
+                    p_type: u32_at(elf, p),
+                    flags: u32_at(elf, p + 4),
+                    offset: u64_at(elf, p + 8),
+                    vaddr: u64_at(elf, p + 0x10),
+                    paddr: u64_at(elf, p + 0x18),
+                    filesz: u64_at(elf, p + 0x20),
+                    memsz: u64_at(elf, p + 0x28),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_are_unique_and_findable() {
+        for g in all() {
+            assert_eq!(find(g.name).unwrap().name, g.name);
+            assert_eq!(all().iter().filter(|h| h.name == g.name).count(), 1);
+        }
+        assert!(find("hello").is_some());
+        assert!(find("dirtier").is_some());
+        assert!(find("smp").is_some());
+        assert!(find("nonesuch").is_none());
+    }
+
+    #[test]
+    fn elf_headers() {
+        for g in all() {
+            let e = g.elf;
+            assert!(e.len() > 0x40, "{}: too short", g.name);
+            assert_eq!(&e[..4], b"\x7fELF", "{}: magic", g.name);
+            assert_eq!(e[4], 2, "{}: ELFCLASS64", g.name);
+            assert_eq!(e[5], 1, "{}: little endian", g.name);
+            assert_eq!(u16_at(e, 0x10), 2, "{}: ET_EXEC", g.name);
+            assert_eq!(u16_at(e, 0x12), 0x3e, "{}: EM_X86_64", g.name);
+        }
+    }
+
+    #[test]
+    fn segments_fit_the_boot_contract() {
+        for g in all() {
+            let entry = u64_at(g.elf, 0x18);
+            let loads: Vec<_> = phdrs(g.elf)
+                .into_iter()
+                .filter(|p| p.p_type == PT_LOAD)
+                .collect();
+            assert!(!loads.is_empty(), "{}: no PT_LOAD", g.name);
+            for p in &loads {
+                assert!(p.paddr >= 0x20_0000, "{}: segment below 2 MiB", g.name);
+                assert_eq!(p.paddr, p.vaddr, "{}: not identity-mapped", g.name);
+                assert!(p.filesz <= p.memsz, "{}: filesz > memsz", g.name);
+                assert!(
+                    p.offset + p.filesz <= g.elf.len() as u64,
+                    "{}: segment past end of file",
+                    g.name
+                );
+                // The dirtier owns RAM from 16 MiB up.
+                assert!(
+                    p.paddr + p.memsz <= 0x100_0000,
+                    "{}: image reaches past 16 MiB",
+                    g.name
+                );
+            }
+            assert!(
+                loads
+                    .iter()
+                    .any(|p| p.flags & PF_X != 0 && (p.vaddr..p.vaddr + p.memsz).contains(&entry)),
+                "{}: entry {entry:#x} not in an executable PT_LOAD",
+                g.name
+            );
+        }
+    }
+
+    #[test]
+    fn image_leaves_room_for_a_multiboot_header() {
+        // A later multiboot header goes at the very start of the image, and multiboot loaders
+        // look for it in the first 8 KiB of the file; with the a.out kludge they also load the
+        // file as one contiguous run, so address - file offset must be the same everywhere.
+        for g in all() {
+            let loads: Vec<_> = phdrs(g.elf)
+                .into_iter()
+                .filter(|p| p.p_type == PT_LOAD && p.filesz > 0)
+                .collect();
+            let first = loads.iter().min_by_key(|p| p.paddr).unwrap();
+            assert_eq!(first.paddr, 0x20_0000, "{}: image start", g.name);
+            assert!(first.offset < 0x2000, "{}: image start past 8 KiB", g.name);
+            for p in &loads {
+                assert_eq!(
+                    p.paddr - p.offset,
+                    first.paddr - first.offset,
+                    "{}: file image not contiguous",
+                    g.name
+                );
+            }
+        }
+    }
+}

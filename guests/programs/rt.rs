@@ -1,0 +1,408 @@
+//! Runtime shared by the test guests: entry, serial output, exit port, boot data, TSC time.
+//!
+//! Included by every guest with `mod rt;`. Each guest uses only part of it.
+#![allow(dead_code)]
+
+use core::arch::{asm, global_asm};
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+/// Size of the stack `_start` switches to (the boot stack at 0x8ff0 belongs to minivmm's layout).
+pub const STACK_SIZE: usize = 64 * 1024;
+
+#[repr(C, align(16))]
+pub struct Stack<const N: usize>(pub [u8; N]);
+
+static mut BOOT_STACK: Stack<STACK_SIZE> = Stack([0; STACK_SIZE]);
+
+// Entry from minivmm (README "Entry state"): 64-bit mode, interrupts off, RSI = zero page.
+// `.bss` is cleared here rather than trusted to be zero so that a loader which copies only the
+// file bytes into reused memory still gives Rust zeroed statics.
+global_asm!(
+    r#"
+    .pushsection .text.start, "ax", @progbits
+    .global _start
+    .type _start, @function
+_start:
+    cli
+    cld
+    mov r12, rsi
+    lea rdi, [rip + __bss_start]
+    lea rcx, [rip + __bss_end]
+    sub rcx, rdi
+    xor eax, eax
+    rep stosb
+    lea rsp, [rip + {stack} + {stack_size}]
+    xor ebp, ebp
+    mov rdi, r12
+    call {entry}
+2:
+    cli
+    hlt
+    jmp 2b
+    .size _start, . - _start
+    .popsection
+"#,
+    stack = sym BOOT_STACK,
+    stack_size = const STACK_SIZE,
+    entry = sym rt_entry,
+);
+
+extern "C" fn rt_entry(zero_page: u64) -> ! {
+    crate::guest_main(Boot { zero_page })
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    // The panicking CPU may hold the serial lock; a garbled line beats a hang.
+    force_unlock_serial();
+    {
+        let mut w = line();
+        w.s("PANIC");
+        if let Some(msg) = info.message().as_str() {
+            w.s(": ").s(msg);
+        }
+        if let Some(loc) = info.location() {
+            w.s(" at ").s(loc.file()).s(":").u(loc.line() as u64);
+        }
+    }
+    exit(EXIT_PANIC)
+}
+
+/// The prebuilt `core` is compiled for unwinding and its unwind tables name this symbol. With
+/// panic=abort nothing ever unwinds, so it is never called; it only has to exist for the link.
+#[unsafe(no_mangle)]
+extern "C" fn rust_eh_personality() {}
+
+// Exit codes (README "Exit codes").
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_USAGE: u8 = 1;
+pub const EXIT_PANIC: u8 = 2;
+pub const EXIT_BAD_PAGE: u8 = 3;
+pub const EXIT_SMP_TIMEOUT: u8 = 4;
+
+// ---------------------------------------------------------------------------------------------
+// Port I/O
+
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O here only reaches the devices listed in README.md (UART, exit port, PIT,
+    // i8042); none of them touches guest memory, so no Rust-visible state can change.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+}
+
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Ends the VM through minivmm's exit port; halts if the port is absent.
+pub fn exit(code: u8) -> ! {
+    outb(0xf4, code);
+    loop {
+        halt();
+    }
+}
+
+pub fn halt() {
+    // SAFETY: with interrupts off `hlt` just stops this CPU; nothing in memory changes.
+    unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+}
+
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serial output: one lock for all CPUs so that lines from different CPUs never interleave.
+
+const COM1: u16 = 0x3f8;
+const LSR_THR_EMPTY: u8 = 0x20;
+
+static SERIAL_LOCK: AtomicBool = AtomicBool::new(false);
+
+fn putc(byte: u8) {
+    // Bounded: a missing UART reads 0xff (ready), a wedged one must not hang the guest.
+    for _ in 0..100_000 {
+        if inb(COM1 + 5) & LSR_THR_EMPTY != 0 {
+            break;
+        }
+        pause();
+    }
+    outb(COM1, byte);
+}
+
+fn force_unlock_serial() {
+    SERIAL_LOCK.store(false, Ordering::Release);
+}
+
+/// A serial line under construction: holds the serial lock, ends the line with `\n` on drop.
+pub struct Line(());
+
+/// Starts a line: `rt::line().s("HB ").u(seq);` prints `HB <seq>\n` atomically.
+pub fn line() -> Line {
+    while SERIAL_LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        pause();
+    }
+    Line(())
+}
+
+impl Line {
+    pub fn b(&mut self, bytes: &[u8]) -> &mut Self {
+        for &c in bytes {
+            putc(c);
+        }
+        self
+    }
+
+    pub fn s(&mut self, s: &str) -> &mut Self {
+        self.b(s.as_bytes())
+    }
+
+    /// Decimal.
+    pub fn u(&mut self, mut v: u64) -> &mut Self {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.b(&buf[i..])
+    }
+
+    /// `0x`-prefixed lowercase hex without leading zeros.
+    pub fn x(&mut self, v: u64) -> &mut Self {
+        let mut buf = [0u8; 18];
+        let mut i = buf.len();
+        let mut v = v;
+        loop {
+            i -= 1;
+            buf[i] = b"0123456789abcdef"[(v & 0xf) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        i -= 2;
+        buf[i] = b'0';
+        buf[i + 1] = b'x';
+        self.b(&buf[i..])
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        putc(b'\n');
+        SERIAL_LOCK.store(false, Ordering::Release);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Boot data: the Linux zero page minivmm passes in RSI (README "Entry state").
+
+const ZP_E820_ENTRIES: u64 = 0x1e8;
+const ZP_CMD_LINE_PTR: u64 = 0x228;
+const ZP_E820_TABLE: u64 = 0x2d0;
+const E820_MAX: usize = 128;
+const CMDLINE_MAX: usize = 4096;
+
+pub const E820_RAM: u32 = 1;
+
+#[derive(Clone, Copy)]
+pub struct Boot {
+    zero_page: u64,
+}
+
+#[derive(Clone, Copy)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+impl Boot {
+    fn read<T: Copy>(&self, offset: u64) -> T {
+        // SAFETY: the zero page is a 4 KiB page of identity-mapped guest memory that minivmm
+        // filled before entry and nobody writes afterwards; every offset used is inside it.
+        unsafe { core::ptr::read_unaligned((self.zero_page + offset) as *const T) }
+    }
+
+    /// The kernel command line, without its NUL.
+    pub fn cmdline(&self) -> &'static [u8] {
+        let ptr = self.read::<u32>(ZP_CMD_LINE_PTR) as usize;
+        if ptr == 0 {
+            return &[];
+        }
+        // SAFETY: minivmm puts a NUL-terminated string of at most 4 KiB there (README) in
+        // identity-mapped memory that stays untouched for the guest's lifetime.
+        let all = unsafe { core::slice::from_raw_parts(ptr as *const u8, CMDLINE_MAX) };
+        let len = all.iter().position(|&c| c == 0).unwrap_or(CMDLINE_MAX);
+        &all[..len]
+    }
+
+    pub fn e820_len(&self) -> usize {
+        (self.read::<u8>(ZP_E820_ENTRIES) as usize).min(E820_MAX)
+    }
+
+    pub fn e820(&self, i: usize) -> E820Entry {
+        let base = ZP_E820_TABLE + 20 * i as u64;
+        E820Entry {
+            addr: self.read(base),
+            size: self.read(base + 8),
+            kind: self.read(base + 16),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command line: space-separated `key=value` words.
+
+/// The value of the last `key=...` word, if any.
+pub fn arg<'a>(cmdline: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let key = key.as_bytes();
+    let mut found = None;
+    for word in cmdline.split(|c| c.is_ascii_whitespace()) {
+        if word.len() > key.len() && word.starts_with(key) && word[key.len()] == b'=' {
+            found = Some(&word[key.len() + 1..]);
+        }
+    }
+    found
+}
+
+pub fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &c in s {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add((c - b'0') as u64)?;
+    }
+    Some(v)
+}
+
+/// `key=<decimal>` from the command line, `default` when absent; prints and exits with
+/// `EXIT_USAGE` when the value is not a number in `min..=max`.
+pub fn arg_u64(cmdline: &[u8], who: &str, key: &str, default: u64, min: u64, max: u64) -> u64 {
+    let Some(raw) = arg(cmdline, key) else {
+        return default;
+    };
+    match parse_u64(raw) {
+        Some(v) if (min..=max).contains(&v) => v,
+        _ => {
+            line()
+                .s(who)
+                .s(": bad ")
+                .s(key)
+                .s("=")
+                .b(raw)
+                .s(" (want ")
+                .u(min)
+                .s("..=")
+                .u(max)
+                .s(")");
+            exit(EXIT_USAGE)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time: TSC calibrated against PIT channel 2.
+//
+// A guest may be live-migrated mid-run: the TSC on the destination need not continue from the
+// source's value. So only deltas between consecutive readings are used, and each is clamped
+// (see `Clock`).
+
+pub fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtsc only reads the time-stamp counter into EDX:EAX. No `nomem`, so the
+    // compiler keeps it in order with the memory work it is timing.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nostack, preserves_flags)) }
+    ((hi as u64) << 32) | lo as u64
+}
+
+const PIT_HZ: u64 = 1_193_182;
+const CALIBRATE_MS: u64 = 50;
+const FALLBACK_TSC_HZ: u64 = 2_000_000_000;
+
+/// TSC ticks per second, measured once over 50 ms of PIT channel 2 in mode 0 (one-shot),
+/// whose OUT pin is readable as bit 5 of port 0x61. Falls back to 2 GHz, with a message, if
+/// the PIT does not answer or gives a nonsensical result.
+pub fn calibrate_tsc(who: &str) -> u64 {
+    let latch = PIT_HZ * CALIBRATE_MS / 1000;
+    // Gate channel 2 on (bit 0), speaker off (bit 1).
+    let ctl = inb(0x61);
+    outb(0x61, (ctl & !0x02) | 0x01);
+    // Channel 2, lobyte/hibyte, mode 0, binary. OUT drops now and rises when the count ends.
+    outb(0x43, 0xb0);
+    outb(0x42, latch as u8);
+    outb(0x42, (latch >> 8) as u8);
+    let start = rdtsc();
+    let mut end = start;
+    let mut ok = false;
+    // Bounded by TSC ticks: 1e9 ticks is at most 1 s on any CPU of 1 GHz or faster.
+    while end.wrapping_sub(start) < 1_000_000_000 {
+        if inb(0x61) & 0x20 != 0 {
+            ok = true;
+            break;
+        }
+        end = rdtsc();
+    }
+    end = rdtsc();
+    let hz = end.wrapping_sub(start) * (1000 / CALIBRATE_MS);
+    if ok && (100_000_000..=20_000_000_000).contains(&hz) {
+        return hz;
+    }
+    line()
+        .s(who)
+        .s(": PIT calibration failed, assuming TSC at ")
+        .u(FALLBACK_TSC_HZ / 1_000_000)
+        .s(" MHz");
+    FALLBACK_TSC_HZ
+}
+
+/// Monotonic time from TSC deltas that survives a TSC that jumps (migration to another host,
+/// a long pause): a backwards step counts as zero and a step above `max_step` as `max_step`.
+pub struct Clock {
+    last: u64,
+    max_step: u64,
+}
+
+impl Clock {
+    pub fn new(max_step: u64) -> Self {
+        Clock { last: rdtsc(), max_step }
+    }
+
+    /// Clamped ticks since the previous call (or since `new`).
+    pub fn step(&mut self) -> u64 {
+        let now = rdtsc();
+        let delta = now.wrapping_sub(self.last) as i64;
+        self.last = now;
+        if delta <= 0 {
+            0
+        } else {
+            (delta as u64).min(self.max_step)
+        }
+    }
+}
+
+/// Busy-waits about `ticks` TSC ticks.
+pub fn spin_ticks(ticks: u64) {
+    let mut clock = Clock::new(ticks.max(1));
+    let mut waited = 0;
+    while waited < ticks {
+        pause();
+        waited += clock.step();
+    }
+}
