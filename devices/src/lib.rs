@@ -1,3 +1,5 @@
 //! Emulated and passthrough devices of minivmm, each behind the [`bus::BusDevice`] trait.
 
 pub mod bus;
+pub mod legacy;
+pub mod serial;
