@@ -74,6 +74,78 @@ fn panic(info: &PanicInfo) -> ! {
 #[unsafe(no_mangle)]
 extern "C" fn rust_eh_personality() {}
 
+// Memory functions that compiled code calls and that a freestanding link must supply. The
+// copies and fills use `rep` string instructions in asm so that LLVM cannot recognise them as
+// loops and turn them back into calls to themselves.
+
+/// # Safety
+/// The C contract: `dest` valid for `n` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memset(dest: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller gives a writable range of n bytes; DF is clear (cld in _start and
+    // never set except inside memmove's own asm).
+    unsafe {
+        asm!("rep stosb", inout("rdi") dest => _, inout("rcx") n => _, in("al") c as u8,
+             options(nostack, preserves_flags));
+    }
+    dest
+}
+
+/// # Safety
+/// The C contract: non-overlapping ranges of `n` bytes, `src` readable and `dest` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcpy(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: as the caller promises; DF is clear as for memset.
+    unsafe {
+        asm!("rep movsb", inout("rdi") dest => _, inout("rsi") src => _, inout("rcx") n => _,
+             options(nostack, preserves_flags));
+    }
+    dest
+}
+
+/// # Safety
+/// The C contract: ranges of `n` bytes that may overlap, `src` readable and `dest` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memmove(dest: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dest as usize).wrapping_sub(src as usize) >= n {
+        // dest is below src or past its end: a forward copy never reads a byte it wrote.
+        // SAFETY: as the caller promises.
+        unsafe { memcpy(dest, src, n) }
+    } else {
+        // SAFETY: as the caller promises; copying backwards from the last byte handles the
+        // overlap, and DF is cleared again before anything else can run.
+        unsafe {
+            asm!("std", "rep movsb", "cld",
+                 inout("rdi") dest.wrapping_add(n).wrapping_sub(1) => _,
+                 inout("rsi") src.wrapping_add(n).wrapping_sub(1) => _,
+                 inout("rcx") n => _, options(nostack));
+        }
+        dest
+    }
+}
+
+/// # Safety
+/// The C contract: both ranges readable for `n` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: i < n and the caller gives n readable bytes on both sides.
+        let (x, y) = unsafe { (*a.add(i), *b.add(i)) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+    }
+    0
+}
+
+/// # Safety
+/// As for `memcmp`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract.
+    unsafe { memcmp(a, b, n) }
+}
+
 // Exit codes (README "Exit codes").
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_USAGE: u8 = 1;
@@ -87,13 +159,17 @@ pub const EXIT_SMP_TIMEOUT: u8 = 4;
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O here only reaches the devices listed in README.md (UART, exit port, PIT,
     // i8042); none of them touches guest memory, so no Rust-visible state can change.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as for `outb`.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
@@ -381,7 +457,10 @@ pub struct Clock {
 
 impl Clock {
     pub fn new(max_step: u64) -> Self {
-        Clock { last: rdtsc(), max_step }
+        Clock {
+            last: rdtsc(),
+            max_step,
+        }
     }
 
     /// Clamped ticks since the previous call (or since `new`).
