@@ -422,6 +422,36 @@ mod tests {
         assert_eq!(cap.bytes(), b"HB 1\n");
     }
 
+    /// Holds written bytes back until flushed, like a buffered stdout or file.
+    #[derive(Clone, Default)]
+    struct Buffered {
+        pending: Arc<Mutex<Vec<u8>>>,
+        visible: Capture,
+    }
+
+    impl Write for Buffered {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.pending.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            let bytes = std::mem::take(&mut *self.pending.lock().unwrap());
+            self.visible.write(&bytes).map(|_| ())
+        }
+    }
+
+    #[test]
+    fn every_byte_is_flushed_at_once() {
+        let out = Buffered::default();
+        let mut dev = SerialDevice::new(evt(), Box::new(out.clone()));
+        wr(&mut dev, RBR_THR, b'H');
+        assert_eq!(out.visible.bytes(), b"H");
+        for &b in b"B 7\n" {
+            wr(&mut dev, RBR_THR, b);
+        }
+        assert_eq!(out.visible.bytes(), b"HB 7\n");
+    }
+
     #[test]
     fn broken_sink_does_not_stop_the_uart() {
         let mut dev = SerialDevice::new(evt(), Box::new(Broken));
