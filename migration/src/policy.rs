@@ -1,0 +1,204 @@
+//! Pre-copy convergence: measure bandwidth and dirty rate, estimate the downtime a switchover
+//! would cost now, and decide to keep iterating, switch over, or give up.
+//!
+//! Estimated downtime = (remaining dirty bytes + device stop-copy bytes) / bandwidth + a fixed
+//! allowance for vCPU/VM/device state and resume (QEMU's and cloud-hypervisor's model plus the
+//! non-memory part, which matters once device state is large).
+
+use std::time::Duration;
+
+/// What to do when the timeout passes without convergence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TimeoutAction {
+    /// Give up; the source keeps running the guest (default, as cloud-hypervisor's `cancel`).
+    #[default]
+    Cancel,
+    /// Switch over anyway and accept the longer downtime.
+    SwitchOver,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyConfig {
+    pub downtime_limit: Duration,
+    pub timeout: Duration,
+    pub on_timeout: TimeoutAction,
+    /// Non-memory part of the downtime: state save, transfer and load, and resume.
+    pub state_allowance: Duration,
+    /// Weight of the newest bandwidth sample in the moving average.
+    pub ewma_weight: f64,
+    /// Passes that moved less than this are too short to say anything about bandwidth (they
+    /// mostly measure the socket buffer).
+    pub min_sample_bytes: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            downtime_limit: Duration::from_millis(300),
+            timeout: Duration::from_secs(3600),
+            on_timeout: TimeoutAction::Cancel,
+            state_allowance: Duration::from_millis(5),
+            ewma_weight: 0.5,
+            min_sample_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Continue,
+    SwitchOver,
+    GiveUp,
+}
+
+#[derive(Clone, Debug)]
+pub struct Convergence {
+    cfg: PolicyConfig,
+    bandwidth: Option<f64>,
+    dirty_rate: f64,
+}
+
+impl Convergence {
+    pub fn new(cfg: PolicyConfig) -> Self {
+        Self {
+            cfg,
+            bandwidth: None,
+            dirty_rate: 0.0,
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// Records a pass that put `bytes` on the wire in `elapsed`.
+    pub fn record_pass(&mut self, bytes: u64, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if bytes < self.cfg.min_sample_bytes || secs <= 0.0 {
+            return;
+        }
+        let sample = bytes as f64 / secs;
+        let w = self.cfg.ewma_weight.clamp(0.0, 1.0);
+        self.bandwidth = Some(match self.bandwidth {
+            Some(bw) => w * sample + (1.0 - w) * bw,
+            None => sample,
+        });
+    }
+
+    /// Records a dirty-log collection that found `pages` dirtied over `interval`.
+    pub fn record_dirty(&mut self, pages: u64, interval: Duration) {
+        let secs = interval.as_secs_f64();
+        if secs > 0.0 {
+            self.dirty_rate = pages as f64 / secs;
+        }
+    }
+
+    /// Bytes per second, once a pass was long enough to measure.
+    pub fn bandwidth(&self) -> Option<f64> {
+        self.bandwidth
+    }
+
+    /// Pages dirtied per second, from the latest collection.
+    pub fn dirty_rate(&self) -> f64 {
+        self.dirty_rate
+    }
+
+    /// Downtime if the source paused now with `remaining` dirty bytes and `device_bytes` of
+    /// device stop-copy data; `None` while bandwidth is unknown and there is data to move.
+    pub fn estimate_downtime(&self, remaining: u64, device_bytes: u64) -> Option<Duration> {
+        let bytes = remaining.saturating_add(device_bytes);
+        let transfer = match (bytes, self.bandwidth) {
+            (0, _) => Duration::ZERO,
+            (_, Some(bw)) if bw > 0.0 => Duration::from_secs_f64(bytes as f64 / bw),
+            _ => return None,
+        };
+        Some(transfer + self.cfg.state_allowance)
+    }
+
+    /// The decision after a dirty collection. `devices_acked`: every device's initial
+    /// pre-copy data has been loaded by the destination (switchover-ack).
+    pub fn decide(
+        &self,
+        elapsed: Duration,
+        remaining: u64,
+        device_bytes: u64,
+        devices_acked: bool,
+    ) -> Decision {
+        let fits = self
+            .estimate_downtime(remaining, device_bytes)
+            .is_some_and(|d| d <= self.cfg.downtime_limit);
+        if fits && devices_acked {
+            return Decision::SwitchOver;
+        }
+        if elapsed >= self.cfg.timeout {
+            return match self.cfg.on_timeout {
+                TimeoutAction::Cancel => Decision::GiveUp,
+                TimeoutAction::SwitchOver => Decision::SwitchOver,
+            };
+        }
+        Decision::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn conv() -> Convergence {
+        Convergence::new(PolicyConfig::default())
+    }
+
+    #[test]
+    fn bandwidth_is_an_ewma_of_long_enough_passes() {
+        let mut c = conv();
+        c.record_pass(1000, Duration::from_micros(1)); // too small: ignored
+        assert_eq!(c.bandwidth(), None);
+        c.record_pass(1000 * MIB, Duration::from_secs(1));
+        assert_eq!(c.bandwidth(), Some(1000.0 * MIB as f64));
+        c.record_pass(500 * MIB, Duration::from_secs(1));
+        assert_eq!(c.bandwidth(), Some(750.0 * MIB as f64));
+    }
+
+    #[test]
+    fn estimate_includes_devices_and_state_allowance() {
+        let mut c = conv();
+        assert_eq!(c.estimate_downtime(0, 0), Some(Duration::from_millis(5)));
+        assert_eq!(c.estimate_downtime(MIB, 0), None);
+        c.record_pass(1000 * MIB, Duration::from_secs(1));
+        // 100 MiB memory + 100 MiB device at 1000 MiB/s = 200 ms, + 5 ms.
+        let d = c.estimate_downtime(100 * MIB, 100 * MIB).unwrap();
+        assert_eq!(d.as_millis(), 205);
+    }
+
+    #[test]
+    fn switches_over_when_under_the_limit_and_acked() {
+        let mut c = conv();
+        c.record_pass(1000 * MIB, Duration::from_secs(1));
+        let t = Duration::from_secs(10);
+        assert_eq!(c.decide(t, 200 * MIB, 0, true), Decision::SwitchOver);
+        assert_eq!(c.decide(t, 400 * MIB, 0, true), Decision::Continue);
+        assert_eq!(c.decide(t, 200 * MIB, 0, false), Decision::Continue);
+        assert_eq!(c.decide(t, 200 * MIB, 200 * MIB, true), Decision::Continue);
+    }
+
+    #[test]
+    fn timeout_cancels_or_forces_switchover() {
+        let mut c = conv();
+        c.record_pass(10 * MIB, Duration::from_secs(1));
+        let late = Duration::from_secs(3600);
+        assert_eq!(c.decide(late, 1 << 30, 0, true), Decision::GiveUp);
+        let mut cfg = PolicyConfig::default();
+        cfg.on_timeout = TimeoutAction::SwitchOver;
+        let c = Convergence::new(cfg);
+        assert_eq!(c.decide(late, 1 << 30, 0, true), Decision::SwitchOver);
+    }
+
+    #[test]
+    fn dirty_rate_is_pages_per_second() {
+        let mut c = conv();
+        c.record_dirty(5000, Duration::from_millis(500));
+        assert_eq!(c.dirty_rate(), 10000.0);
+    }
+}

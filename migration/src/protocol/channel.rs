@@ -1,0 +1,183 @@
+//! One end of a migration connection over any byte stream (TcpStream in the VMM, UnixStream
+//! pairs and in-memory buffers in tests). Reads are unbuffered on purpose: page bytes go from
+//! the socket straight into guest memory, so no user-space buffer may hold them back.
+
+use std::io::{Read, Write};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVolatile};
+
+use super::codec::{decode_frame, encode_frame, read_exact_bounded, read_header};
+use super::{HEADER_LEN, MAX_PAGES_BYTES, Message, MessageType, ProtocolError};
+use crate::ranges::MemoryRange;
+
+pub struct Channel<S> {
+    stream: S,
+    /// Page bytes announced by the last `MemoryPages` and not yet read: where they go.
+    pending: Option<MemoryRange>,
+    bytes_written: u64,
+    bytes_read: u64,
+}
+
+impl<S> Channel<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            pending: None,
+            bytes_written: 0,
+            bytes_read: 0,
+        }
+    }
+
+    /// The stream, e.g. to set timeouts or TCP options on a TcpStream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+
+    /// Bytes put on the wire so far, headers included.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+}
+
+impl<S: Write> Channel<S> {
+    /// Sends any message except `MemoryPages`, whose bytes come from guest memory
+    /// ([`Channel::send_memory`]).
+    pub fn send(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        if let Message::MemoryPages { .. } = msg {
+            return Err(ProtocolError::malformed(
+                MessageType::MemoryPages,
+                "use send_memory to stream page data",
+            ));
+        }
+        let (head, tail) = encode_frame(msg)?;
+        self.stream.write_all(&head)?;
+        if !tail.is_empty() {
+            self.stream.write_all(tail)?;
+        }
+        self.stream.flush()?;
+        self.bytes_written += (head.len() + tail.len()) as u64;
+        Ok(())
+    }
+}
+
+impl<S: Write + WriteVolatile> Channel<S> {
+    /// Sends `range` of guest memory as one `MemoryPages` frame, streaming the bytes from the
+    /// guest mapping to the socket without an intermediate buffer.
+    pub fn send_memory<M>(&mut self, mem: &M, range: MemoryRange) -> Result<(), ProtocolError>
+    where
+        M: GuestMemoryBackend + ?Sized,
+    {
+        let len = usize::try_from(range.len).unwrap_or(usize::MAX);
+        // Checked before the header goes out: a failure after it would desync the stream.
+        if range.len > MAX_PAGES_BYTES || !mem.check_range(GuestAddress(range.gpa), len) {
+            return Err(ProtocolError::malformed(
+                MessageType::MemoryPages,
+                format!("cannot send {range:x?}: too long or outside guest memory"),
+            ));
+        }
+        let msg = Message::MemoryPages {
+            gpa: range.gpa,
+            len: range.len,
+        };
+        let (head, _) = encode_frame(&msg)?;
+        self.stream.write_all(&head)?;
+        mem.write_all_volatile_to(GuestAddress(range.gpa), &mut self.stream, len)?;
+        self.bytes_written += head.len() as u64 + range.len;
+        Ok(())
+    }
+}
+
+impl<S: Read> Channel<S> {
+    /// Receives the next message. After `MemoryPages` the page bytes must be consumed
+    /// (`recv_memory` or `discard_pending`) before the next call.
+    pub fn recv(&mut self) -> Result<Message, ProtocolError> {
+        if let Some(p) = self.pending {
+            return Err(ProtocolError::PendingPayload(p.len));
+        }
+        let header = read_header(&mut self.stream)?;
+        self.bytes_read += HEADER_LEN as u64;
+        if header.msg_type == MessageType::MemoryPages {
+            return self.recv_pages_header(header.length);
+        }
+        let payload = read_exact_bounded(&mut self.stream, header.length)?;
+        self.bytes_read += header.length;
+        decode_frame(header, &payload)
+    }
+
+    fn recv_pages_header(&mut self, length: u64) -> Result<Message, ProtocolError> {
+        let t = MessageType::MemoryPages;
+        let len = length
+            .checked_sub(8)
+            .ok_or_else(|| ProtocolError::malformed(t, "shorter than its gpa"))?;
+        let raw = read_exact_bounded(&mut self.stream, 8)?;
+        let mut gpa = [0u8; 8];
+        gpa.copy_from_slice(&raw);
+        let range = MemoryRange::new(u64::from_le_bytes(gpa), len);
+        if range.end().is_none() {
+            return Err(ProtocolError::malformed(t, format!("{range:x?} wraps")));
+        }
+        self.bytes_read += 8;
+        self.pending = Some(range);
+        Ok(Message::MemoryPages {
+            gpa: range.gpa,
+            len,
+        })
+    }
+
+    /// Reads and drops the pending page bytes (e.g. when replying with Abandon would be
+    /// pointless before draining them). Memory use is one small buffer.
+    pub fn discard_pending(&mut self) -> Result<(), ProtocolError> {
+        if let Some(p) = self.pending.take() {
+            let copied = std::io::copy(&mut (&mut self.stream).take(p.len), &mut std::io::sink())?;
+            self.bytes_read += copied;
+            if copied != p.len {
+                return Err(ProtocolError::Truncated {
+                    expected: p.len,
+                    got: copied,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The range announced by the last `MemoryPages`, while its bytes are unread.
+    pub fn pending(&self) -> Option<MemoryRange> {
+        self.pending
+    }
+}
+
+impl<S: Read + ReadVolatile> Channel<S> {
+    /// Reads the pending page bytes straight into guest memory at the announced gpa. The
+    /// caller checks the range against the VM's layout first; this only refuses what vm-memory
+    /// cannot map. Writes go through vm-memory so the destination's dirty bitmap sees them.
+    pub fn recv_memory<M>(&mut self, mem: &M) -> Result<(), ProtocolError>
+    where
+        M: GuestMemoryBackend + ?Sized,
+    {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let len = usize::try_from(p.len).unwrap_or(usize::MAX);
+        if !mem.check_range(GuestAddress(p.gpa), len) {
+            return Err(ProtocolError::malformed(
+                MessageType::MemoryPages,
+                format!("{p:x?} is outside guest memory"),
+            ));
+        }
+        mem.read_exact_volatile_from(GuestAddress(p.gpa), &mut self.stream, len)?;
+        self.bytes_read += p.len;
+        Ok(())
+    }
+}
