@@ -13,10 +13,8 @@ pub fn words_for(pages: u64) -> usize {
 pub fn all_set(pages: u64) -> Vec<u64> {
     let mut bm = vec![u64::MAX; words_for(pages)];
     let tail = pages % 64;
-    if tail != 0 {
-        if let Some(last) = bm.last_mut() {
-            *last = (1u64 << tail) - 1;
-        }
+    if let Some(last) = bm.last_mut().filter(|_| tail != 0) {
+        *last = (1u64 << tail) - 1;
     }
     bm
 }
@@ -37,10 +35,8 @@ pub fn or_into(dst: &mut Vec<u64>, src: &[u64]) {
 pub fn truncate(bm: &mut Vec<u64>, pages: u64) {
     bm.truncate(words_for(pages));
     let tail = pages % 64;
-    if tail != 0 {
-        if let Some(last) = bm.last_mut() {
-            *last &= (1u64 << tail) - 1;
-        }
+    if let Some(last) = bm.last_mut().filter(|_| tail != 0) {
+        *last &= (1u64 << tail) - 1;
     }
 }
 

@@ -11,9 +11,13 @@ pub mod protocol;
 pub mod ranges;
 pub mod recv;
 pub mod send;
+pub mod session;
 pub mod state;
 pub mod stats;
 pub mod throttle;
 pub mod zero;
 
 pub use error::MigrationError;
+
+#[cfg(test)]
+mod tests;

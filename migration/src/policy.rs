@@ -189,9 +189,10 @@ mod tests {
         c.record_pass(10 * MIB, Duration::from_secs(1));
         let late = Duration::from_secs(3600);
         assert_eq!(c.decide(late, 1 << 30, 0, true), Decision::GiveUp);
-        let mut cfg = PolicyConfig::default();
-        cfg.on_timeout = TimeoutAction::SwitchOver;
-        let c = Convergence::new(cfg);
+        let c = Convergence::new(PolicyConfig {
+            on_timeout: TimeoutAction::SwitchOver,
+            ..PolicyConfig::default()
+        });
         assert_eq!(c.decide(late, 1 << 30, 0, true), Decision::SwitchOver);
     }
 

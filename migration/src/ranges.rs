@@ -68,11 +68,9 @@ pub fn push_coalesced(list: &mut Vec<MemoryRange>, range: MemoryRange) {
     if range.len == 0 {
         return;
     }
-    if let Some(last) = list.last_mut() {
-        if last.end() == Some(range.gpa) {
-            last.len += range.len;
-            return;
-        }
+    if let Some(last) = list.last_mut().filter(|l| l.end() == Some(range.gpa)) {
+        last.len += range.len;
+        return;
     }
     list.push(range);
 }

@@ -184,7 +184,7 @@ mod tests {
             full = b.push(MemoryRange::new(i * 8192, 4096));
         }
         assert!(full);
-        assert!(b.is_empty() == false);
+        assert!(!b.is_empty());
     }
 
     /// Compares scanning strategies; run with

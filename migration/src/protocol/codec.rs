@@ -280,7 +280,7 @@ fn decode_description(bytes: &[u8]) -> Result<VmDescription, ProtocolError> {
 }
 
 fn decode_ranges(r: &mut Reader) -> Result<Vec<MemoryRange>, ProtocolError> {
-    if r.buf.len() % 16 != 0 {
+    if !r.buf.len().is_multiple_of(16) {
         return Err(ProtocolError::malformed(
             r.t,
             "length is not a multiple of 16",

@@ -1,0 +1,132 @@
+//! The fixed exchanges at both ends of a migration: handshake with the VM description, and
+//! the two-phase end (destination Ready → source Go → destination Resumed).
+//!
+//! The rule the end phase protects: before `Go`, any failure leaves the guest with the source
+//! (which resumes it); after `Go`, the destination may already be running it, so the source
+//! must never resume on its own. [`EndError`] says which side of that line a failure fell on.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use crate::MigrationError;
+use crate::description::VmDescription;
+use crate::protocol::{Channel, DestTimings, Message, PROTOCOL_VERSION, ProtocolError, ReturnPath};
+
+/// Source: `Hello` → `HelloAck`, then `Description` → `Accept`. Returns the granted features.
+pub fn source_handshake<S: Read + Write>(
+    ch: &mut Channel<S>,
+    desc: &VmDescription,
+    features: u64,
+) -> Result<u64, MigrationError> {
+    ch.send(&Message::Hello {
+        version: PROTOCOL_VERSION.into(),
+        features,
+    })?;
+    let granted = match ch.recv()? {
+        Message::HelloAck { features: f, .. } => f & features,
+        other => return Err(ProtocolError::unexpected("HelloAck", other).into()),
+    };
+    ch.send(&Message::Description(desc.clone()))?;
+    match ch.recv()? {
+        Message::Accept => Ok(granted),
+        other => Err(ProtocolError::unexpected("Accept", other).into()),
+    }
+}
+
+/// Destination: answers `Hello` granting the intersection of features, then receives the
+/// description and asks `check` whether this side can take the VM (compare with the local
+/// configuration, build the paused VM). A refusal goes back with its reason, and is returned.
+pub fn dest_handshake<S, F>(
+    ch: &mut Channel<S>,
+    features: u64,
+    check: F,
+) -> Result<(VmDescription, u64), MigrationError>
+where
+    S: Read + Write,
+    F: FnOnce(&VmDescription) -> Result<(), String>,
+{
+    let granted = match ch.recv()? {
+        Message::Hello { features: f, .. } => f & features,
+        other => return Err(ProtocolError::unexpected("Hello", other).into()),
+    };
+    ch.send(&Message::HelloAck {
+        version: PROTOCOL_VERSION.into(),
+        features: granted,
+    })?;
+    let desc = match ch.recv()? {
+        Message::Description(d) => d,
+        other => return Err(ProtocolError::unexpected("Description", other).into()),
+    };
+    if let Err(reason) = check(&desc) {
+        ch.send(&Message::Refuse {
+            reason: reason.clone(),
+        })?;
+        return Err(ProtocolError::Refused(reason).into());
+    }
+    ch.send(&Message::Accept)?;
+    Ok((desc, granted))
+}
+
+/// A failed end phase, split by whether `Go` had been sent.
+#[derive(Debug, thiserror::Error)]
+pub enum EndError {
+    /// The destination never got `Go`: resume the guest on the source.
+    #[error("switchover failed before go (source keeps the guest): {0}")]
+    BeforeGo(MigrationError),
+    /// `Go` went out but `Resumed` did not come back: the guest may run on the destination;
+    /// the source must stay paused and report.
+    #[error("no confirmation after go (guest state unknown, source stays paused): {0}")]
+    AfterGo(MigrationError),
+}
+
+/// Source, after `Complete`: waits for `Ready`, sends `Go`, waits for `Resumed`. Late
+/// `DeviceAck`s are passed to `on_ack`. Each wait is bounded by `timeout`.
+pub fn source_end<S: Write>(
+    ch: &mut Channel<S>,
+    rp: &ReturnPath,
+    timeout: Duration,
+    mut on_ack: impl FnMut(String),
+) -> Result<DestTimings, EndError> {
+    let before = |e: ProtocolError| EndError::BeforeGo(e.into());
+    loop {
+        match rp.recv_timeout(timeout).map_err(before)? {
+            Message::Ready => break,
+            Message::DeviceAck { device } => on_ack(device),
+            other => return Err(before(ProtocolError::unexpected("Ready", other))),
+        }
+    }
+    ch.send(&Message::Go).map_err(before)?;
+    let after = |e: ProtocolError| EndError::AfterGo(e.into());
+    match rp.recv_timeout(timeout).map_err(after)? {
+        Message::Resumed(t) => Ok(t),
+        other => Err(after(ProtocolError::unexpected("Resumed", other))),
+    }
+}
+
+/// Destination, with everything loaded: sends `Ready` and waits for `Go`. An error (or the
+/// source's `Abandon`) means: discard the VM. The wait is bounded by the socket's read
+/// timeout, which the caller sets.
+pub fn dest_ready<S: Read + Write>(ch: &mut Channel<S>) -> Result<(), MigrationError> {
+    ch.send(&Message::Ready)?;
+    match ch.recv()? {
+        Message::Go => Ok(()),
+        other => Err(ProtocolError::unexpected("Go", other).into()),
+    }
+}
+
+/// Destination, vCPUs running: confirms with its timings for the source's statistics.
+pub fn dest_confirm<S: Write>(ch: &mut Channel<S>, t: DestTimings) -> Result<(), MigrationError> {
+    ch.send(&Message::Resumed(t))?;
+    Ok(())
+}
+
+/// Tells the peer the migration is off; best effort, since the connection may be the reason.
+pub fn abandon<S: Write>(ch: &mut Channel<S>, reason: &str) {
+    let reason: String = reason
+        .chars()
+        .take(crate::protocol::MAX_TEXT_LEN / 4)
+        .collect();
+    if let Err(e) = ch.send(&Message::Abandon { reason }) {
+        log::warn!("could not send Abandon: {e}");
+    }
+}

@@ -1,0 +1,102 @@
+//! Cross-module tests: protocol round trips and refusals, decoder fuzzing, memory transfer
+//! between two guest memories, and the session exchanges.
+
+mod fuzz;
+mod memory;
+mod protocol;
+mod session;
+
+use crate::description::{CpuidEntry, DeviceDescription, MigrationCaps, VmDescription};
+use crate::protocol::{DestTimings, DevicePhase, Message};
+use crate::ranges::MemoryRange;
+
+pub(crate) fn description() -> VmDescription {
+    VmDescription {
+        ram: vec![
+            MemoryRange::new(0, 0x10_0000),
+            MemoryRange::new(0x100_0000, 0x4_0000),
+        ],
+        vcpus: 2,
+        cpuid: vec![CpuidEntry {
+            function: 0xd,
+            index: 1,
+            flags: 1,
+            eax: 0xf,
+            ebx: 0x340,
+            ecx: 0,
+            edx: 0,
+        }],
+        devices: vec![DeviceDescription {
+            id: "sampledev0".into(),
+            kind: "vfio-user".into(),
+            caps: MigrationCaps {
+                stop_copy: true,
+                p2p: true,
+                pre_copy: true,
+                dirty_tracking: true,
+            },
+        }],
+    }
+}
+
+/// One of every message that `Channel::send` carries (all but `MemoryPages`).
+pub(crate) fn every_message() -> Vec<Message> {
+    vec![
+        Message::Hello {
+            version: 1,
+            features: 3,
+        },
+        Message::HelloAck {
+            version: 1,
+            features: 1,
+        },
+        Message::Description(description()),
+        Message::Accept,
+        Message::Refuse {
+            reason: "CPUID leaf 0x7 differs ✗".into(),
+        },
+        Message::ZeroRanges(vec![
+            MemoryRange::new(0, 4096),
+            MemoryRange::new(1 << 32, 1 << 20),
+        ]),
+        Message::ZeroRanges(vec![]),
+        Message::IterationEnd {
+            iteration: 7,
+            pages: 12345,
+        },
+        Message::DeviceData {
+            device: "sampledev0".into(),
+            phase: DevicePhase::PreCopy,
+            data: (0..=255).collect(),
+        },
+        Message::DeviceData {
+            device: "sampledev0".into(),
+            phase: DevicePhase::StopCopy,
+            data: vec![],
+        },
+        Message::DeviceAck {
+            device: "sampledev0".into(),
+        },
+        Message::VcpuState {
+            index: 1,
+            data: vec![0xab; 4000],
+        },
+        Message::VmState {
+            data: vec![1, 2, 3],
+        },
+        Message::DeviceState {
+            device: "serial0".into(),
+            data: vec![0x5a; 3 << 20],
+        },
+        Message::Complete,
+        Message::Ready,
+        Message::Go,
+        Message::Resumed(DestTimings {
+            state_load_us: 1200,
+            resume_us: 80,
+        }),
+        Message::Abandon {
+            reason: "timeout".into(),
+        },
+    ]
+}

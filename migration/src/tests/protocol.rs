@@ -1,0 +1,236 @@
+use std::io::{Cursor, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::every_message;
+use crate::protocol::{
+    Channel, HEADER_LEN, Header, MAGIC, Message, MessageType, PROTOCOL_VERSION, ProtocolError,
+    encode_frame,
+};
+use crate::ranges::MemoryRange;
+
+fn raw_header(magic: u32, version: u8, flags: u8, t: u16, len: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HEADER_LEN);
+    b.extend_from_slice(&magic.to_le_bytes());
+    b.push(version);
+    b.push(flags);
+    b.extend_from_slice(&t.to_le_bytes());
+    b.extend_from_slice(&len.to_le_bytes());
+    b
+}
+
+fn recv_from(bytes: Vec<u8>) -> Result<Message, ProtocolError> {
+    Channel::new(Cursor::new(bytes)).recv()
+}
+
+#[test]
+fn every_message_round_trips_over_a_socket_pair() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut ch = Channel::new(a);
+        for m in every_message() {
+            ch.send(&m).unwrap();
+        }
+        ch.bytes_written()
+    });
+    let mut ch = Channel::new(b);
+    for expected in every_message() {
+        assert_eq!(ch.recv().unwrap(), expected);
+    }
+    assert!(matches!(ch.recv(), Err(ProtocolError::Closed)));
+    assert_eq!(sender.join().unwrap(), ch.bytes_read());
+}
+
+#[test]
+fn memory_pages_stream_between_memories() {
+    let src = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).unwrap();
+    let dst = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).unwrap();
+    vm_memory::Bytes::write_slice(&src, b"hello pages", GuestAddress(0x2ff8)).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut tx = Channel::new(a);
+    tx.send_memory(&src, MemoryRange::new(0x2000, 0x2000))
+        .unwrap();
+    let mut rx = Channel::new(b);
+    let m = rx.recv().unwrap();
+    assert_eq!(
+        m,
+        Message::MemoryPages {
+            gpa: 0x2000,
+            len: 0x2000
+        }
+    );
+    assert!(matches!(
+        rx.recv(),
+        Err(ProtocolError::PendingPayload(0x2000))
+    ));
+    rx.recv_memory(&dst).unwrap();
+    let mut buf = [0u8; 11];
+    vm_memory::Bytes::read_slice(&dst, &mut buf, GuestAddress(0x2ff8)).unwrap();
+    assert_eq!(&buf, b"hello pages");
+    assert_eq!(tx.bytes_written(), rx.bytes_read());
+    // Outside the source's memory: refused before anything is written.
+    assert!(
+        tx.send_memory(&src, MemoryRange::new(0x4000, 0x2000))
+            .is_err()
+    );
+    assert_eq!(tx.bytes_written(), rx.bytes_read());
+}
+
+#[test]
+fn discard_pending_skips_page_bytes() {
+    let (head, _) = encode_frame(&Message::MemoryPages { gpa: 0, len: 5 }).unwrap();
+    let mut bytes = head;
+    bytes.extend_from_slice(b"12345");
+    bytes.extend(encode_frame(&Message::Go).unwrap().0);
+    let mut ch = Channel::new(Cursor::new(bytes));
+    assert!(matches!(
+        ch.recv().unwrap(),
+        Message::MemoryPages { len: 5, .. }
+    ));
+    ch.discard_pending().unwrap();
+    assert_eq!(ch.recv().unwrap(), Message::Go);
+}
+
+#[test]
+fn header_checks_refuse_cleanly() {
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            raw_header(0xdeadbeef, PROTOCOL_VERSION, 0, 4, 0),
+            "BadMagic",
+        ),
+        (raw_header(MAGIC, 2, 0, 4, 0), "UnsupportedVersion(2)"),
+        (raw_header(MAGIC, 0, 0, 4, 0), "UnsupportedVersion(0)"),
+        (
+            raw_header(MAGIC, PROTOCOL_VERSION, 0x80, 4, 0),
+            "UnknownFlags",
+        ),
+        (
+            raw_header(MAGIC, PROTOCOL_VERSION, 0, 0, 0),
+            "UnknownType(0)",
+        ),
+        (
+            raw_header(MAGIC, PROTOCOL_VERSION, 0, 999, 0),
+            "UnknownType(999)",
+        ),
+        (raw_header(MAGIC, PROTOCOL_VERSION, 0, 4, 1), "TooLarge"),
+        (raw_header(MAGIC, PROTOCOL_VERSION, 0, 1, 11), "TooLarge"),
+    ];
+    for (bytes, want) in cases {
+        let err = recv_from(bytes).unwrap_err();
+        assert!(format!("{err:?}").starts_with(want), "{want}: got {err:?}");
+    }
+}
+
+#[test]
+fn huge_lengths_fail_fast_without_allocating() {
+    for t in MessageType::ALL {
+        let bytes = raw_header(MAGIC, PROTOCOL_VERSION, 0, t as u16, u64::MAX);
+        let start = Instant::now();
+        let err = recv_from(bytes).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::TooLarge { .. }),
+            "{t:?}: {err:?}"
+        );
+        assert!(start.elapsed() < Duration::from_millis(50));
+    }
+    // A length at the limit but no payload: the buffer grows only with what arrives.
+    let max = MessageType::DeviceState.max_payload();
+    let bytes = raw_header(
+        MAGIC,
+        PROTOCOL_VERSION,
+        0,
+        MessageType::DeviceState as u16,
+        max,
+    );
+    assert!(matches!(
+        recv_from(bytes),
+        Err(ProtocolError::Truncated { got: 0, .. })
+    ));
+}
+
+#[test]
+fn truncated_frames_and_clean_close_are_told_apart() {
+    assert!(matches!(recv_from(vec![]), Err(ProtocolError::Closed)));
+    let full = encode_frame(&Message::IterationEnd {
+        iteration: 1,
+        pages: 2,
+    })
+    .unwrap()
+    .0;
+    for cut in [1, HEADER_LEN - 1, HEADER_LEN, full.len() - 1] {
+        let err = recv_from(full[..cut].to_vec()).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Truncated { .. }),
+            "cut {cut}: {err:?}"
+        );
+    }
+    assert!(recv_from(full).is_ok());
+}
+
+#[test]
+fn malformed_payloads_are_refused() {
+    let frame = |t: MessageType, payload: &[u8]| {
+        let mut b = Header::new(t, payload.len() as u64).to_bytes().to_vec();
+        b.extend_from_slice(payload);
+        b
+    };
+    let mut bad_desc = super::description();
+    bad_desc.vcpus = 0;
+    let cases = vec![
+        frame(MessageType::ZeroRanges, &[0; 17]),
+        frame(MessageType::ZeroRanges, &[0; 16]), // zero-length range
+        frame(
+            MessageType::ZeroRanges,
+            &[[0xff; 8], [2, 0, 0, 0, 0, 0, 0, 0]].concat(),
+        ), // wraps
+        frame(MessageType::Refuse, &[2, 0, 0xff, 0xfe]), // not UTF-8
+        frame(MessageType::Refuse, &[5, 0, b'a']), // text longer than payload
+        frame(MessageType::DeviceData, &[1, 0, b'd', 9]), // unknown phase
+        frame(MessageType::Hello, &[1, 0]),
+        frame(MessageType::IterationEnd, &[0; 15]),
+        frame(MessageType::MemoryPages, &[0; 4]), // shorter than its gpa
+        frame(
+            MessageType::Description,
+            &crate::state::encode(&bad_desc).unwrap(),
+        ),
+        frame(MessageType::Description, &[0xff; 64]),
+    ];
+    for bytes in cases {
+        let err = recv_from(bytes.clone()).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::Malformed { .. }),
+            "{bytes:x?}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn encoder_refuses_what_the_decoder_would() {
+    let long = "x".repeat(crate::protocol::MAX_TEXT_LEN + 1);
+    assert!(encode_frame(&Message::Abandon { reason: long }).is_err());
+    let huge = Message::VcpuState {
+        index: 0,
+        data: vec![0; crate::protocol::MAX_VCPU_STATE as usize + 1],
+    };
+    assert!(matches!(
+        encode_frame(&huge),
+        Err(ProtocolError::TooLarge { .. })
+    ));
+    let mut ch = Channel::new(Vec::new());
+    assert!(ch.send(&Message::MemoryPages { gpa: 0, len: 0 }).is_err());
+}
+
+#[test]
+fn read_timeout_at_a_frame_boundary_is_recoverable() {
+    let (a, b) = UnixStream::pair().unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut rx = Channel::new(b);
+    assert!(matches!(rx.recv(), Err(ProtocolError::Timeout)));
+    let mut tx = Channel::new(a);
+    tx.send(&Message::Ready).unwrap();
+    assert_eq!(rx.recv().unwrap(), Message::Ready);
+    tx.get_mut().write_all(&[0x4d]).unwrap(); // one byte of a header, then silence
+    assert!(matches!(rx.recv(), Err(ProtocolError::Io(_))));
+}
