@@ -42,10 +42,7 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
 
 /// Highest guest-physical address of RAM plus one.
 pub fn ram_top(size: u64) -> u64 {
-    ram_ranges(size)
-        .last()
-        .map(|&(a, l)| a + l)
-        .unwrap_or(0)
+    ram_ranges(size).last().map(|&(a, l)| a + l).unwrap_or(0)
 }
 
 #[cfg(test)]

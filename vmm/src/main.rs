@@ -1,1 +1,51 @@
-fn main() {}
+//! minivmm: `main` → parse the CLI → build the VM → load the kernel → run vCPUs → event loop.
+
+mod api;
+mod boot;
+mod cli;
+mod devices_setup;
+mod event_loop;
+mod exit;
+mod layout;
+mod machine;
+mod vstate;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One readable line, like every other minivmm error.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("bad arguments");
+            eprintln!("minivmm: {}", first.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => machine::run(&args),
+        Command::Ctl {
+            api_sock,
+            cmd,
+            args,
+        } => api::client(&api_sock, &cmd, &args),
+        Command::Guests => {
+            for g in guests::all() {
+                println!("{:<10} {}", g.name, g.about);
+            }
+            Ok(0)
+        }
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("minivmm: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}

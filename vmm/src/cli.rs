@@ -1,0 +1,128 @@
+//! Command-line interface: `run`, `receive`, `migrate`, `ctl`, `guests`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use devices::serial::SerialOutput;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "minivmm",
+    version,
+    about = "A small KVM VMM that live-migrates guests with passthrough devices"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a kernel or an embedded test guest.
+    Run(RunArgs),
+    /// Send a request to a running minivmm's control socket and print the reply.
+    Ctl {
+        #[arg(long)]
+        api_sock: PathBuf,
+        /// status | pause | resume | shutdown | migrate | migration-status
+        cmd: String,
+        /// Extra key=value fields for the request (e.g. to=127.0.0.1:4444 for migrate).
+        args: Vec<String>,
+    },
+    /// List the embedded test guests.
+    Guests,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Kernel image: ELF vmlinux or bzImage.
+    #[arg(long, conflicts_with = "guest", required_unless_present = "guest")]
+    pub kernel: Option<PathBuf>,
+    /// Name of an embedded test guest (see `minivmm guests`).
+    #[arg(long)]
+    pub guest: Option<String>,
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest RAM, e.g. 512M or 4G.
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u16,
+    /// stdio | file:PATH | null
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialOutput,
+    /// UNIX socket for the JSON-lines control API.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+}
+
+pub fn parse_serial(s: &str) -> Result<SerialOutput, String> {
+    match s {
+        "stdio" => Ok(SerialOutput::Stdout),
+        "null" => Ok(SerialOutput::Null),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialOutput::File(PathBuf::from(p))),
+            _ => Err(format!(
+                "unknown serial target '{s}' (use stdio, file:PATH or null)"
+            )),
+        },
+    }
+}
+
+/// Parses sizes like 4096, 64K, 512M, 4G, 1T (binary units; an optional "iB"/"B" suffix).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("cannot parse size '{s}' (examples: 512M, 4G, 65536)");
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn serial_targets() {
+        assert_eq!(parse_serial("null"), Ok(SerialOutput::Null));
+        assert_eq!(
+            parse_serial("file:/tmp/x"),
+            Ok(SerialOutput::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("tty").is_err());
+    }
+}

@@ -1,0 +1,169 @@
+//! A running VM: build it, load the kernel, start the vCPUs (the vmm-reference boot path).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use devices::legacy::LegacyError;
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+use crate::boot::{self, BootError, BootSpec, KernelImage};
+use crate::cli::RunArgs;
+use crate::devices_setup::{DeviceSetupError, Devices};
+use crate::event_loop;
+use crate::exit::ExitSignal;
+use crate::vstate::memory::{MemoryError, Ram};
+use crate::vstate::runner::{ExitContext, RunnerError, Vcpus};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    #[error(transparent)]
+    Devices(#[from] DeviceSetupError),
+    #[error(transparent)]
+    Exit(#[from] LegacyError),
+    #[error("{0} vCPUs requested, but this host allows 1 to {1}")]
+    VcpuCount(u16, usize),
+    #[error("no embedded guest named '{0}' (see `minivmm guests`)")]
+    UnknownGuest(String),
+    #[error("KVM {what} failed: {err}")]
+    Kvm {
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
+    #[error("control socket: {0}")]
+    Api(std::io::Error),
+}
+
+/// Everything a live VM consists of. Held behind a mutex shared by the event loop, the
+/// control API and the migration thread.
+pub struct Machine {
+    pub vm: Vm,
+    pub ram: Ram,
+    pub vcpus: Vcpus,
+    pub devices: Devices,
+    pub exit: ExitSignal,
+    pub started: Instant,
+}
+
+pub type SharedMachine = Arc<Mutex<Machine>>;
+
+/// `minivmm run`: boot, serve the event loop until the guest or a request ends the VM.
+pub fn run(args: &RunArgs) -> Result<i32, MachineError> {
+    let machine = Machine::boot(args)?;
+    let exit = machine.exit.clone();
+    let serial = machine.devices.serial.clone();
+    let shared = Arc::new(Mutex::new(machine));
+    let stdin = args.serial == devices::serial::SerialOutput::Stdout;
+    let code = event_loop::run(&shared, &exit, serial, stdin, args.api_sock.as_deref())?;
+    shutdown(shared);
+    Ok(code)
+}
+
+/// Stops the vCPU threads of a machine nobody else holds any more.
+pub fn shutdown(shared: SharedMachine) {
+    match Arc::try_unwrap(shared) {
+        Ok(m) => m
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .vcpus
+            .shutdown(),
+        Err(_) => log::warn!("machine still referenced at exit; vCPU threads end with the process"),
+    }
+}
+
+impl Machine {
+    pub fn boot(args: &RunArgs) -> Result<Self, MachineError> {
+        let vm = Vm::new()?;
+        let max = vm.max_vcpus().min(boot::MAX_VCPUS as usize);
+        if args.vcpus == 0 || args.vcpus as usize > max {
+            return Err(MachineError::VcpuCount(args.vcpus, max));
+        }
+        let count = args.vcpus as u8;
+        let kernel = match (&args.kernel, &args.guest) {
+            (Some(path), _) => KernelImage::Path(path.clone()),
+            (None, Some(name)) => KernelImage::Embedded(
+                guests::find(name)
+                    .ok_or_else(|| MachineError::UnknownGuest(name.clone()))?
+                    .elf,
+            ),
+            (None, None) => return Err(MachineError::UnknownGuest(String::new())),
+        };
+        let ram = Ram::new(args.memory)?;
+        vm.set_ram_slots(&ram, false)?;
+        let exit = ExitSignal::new()?;
+        let devices = Devices::new(&vm, &args.serial, &exit)?;
+        let spec = BootSpec {
+            kernel,
+            initramfs: args.initramfs.clone(),
+            cmdline: args.cmdline.clone(),
+            vcpus: count,
+            mem_size: args.memory,
+        };
+        let info = boot::load(&ram.mem, &spec)?;
+        let vcpus = create_vcpus(&vm, count)?;
+        set_boot_registers(&vcpus[0], info.entry.0)?;
+        let ctx = ExitContext {
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            exit: exit.clone(),
+        };
+        let vcpus = Vcpus::start(vcpus, ctx, false)?;
+        Ok(Machine {
+            vm,
+            ram,
+            vcpus,
+            devices,
+            exit,
+            started: Instant::now(),
+        })
+    }
+}
+
+/// Creates and configures `count` vCPUs (CPUID, MSRs, LAPIC); the secondaries then wait
+/// for INIT/SIPI in the in-kernel LAPIC.
+pub fn create_vcpus(vm: &Vm, count: u8) -> Result<Vec<Vcpu>, MachineError> {
+    let supported = vm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|err| MachineError::Kvm {
+            what: "get supported CPUID",
+            err,
+        })?;
+    (0..count)
+        .map(|index| {
+            let fd = vm
+                .fd
+                .create_vcpu(index as u64)
+                .map_err(|err| MachineError::Kvm {
+                    what: "create vCPU",
+                    err,
+                })?;
+            let vcpu = Vcpu { index, fd };
+            vcpu.configure(&supported, count)?;
+            Ok(vcpu)
+        })
+        .collect()
+}
+
+fn set_boot_registers(bsp: &Vcpu, entry: u64) -> Result<(), MachineError> {
+    let kvm = |what| move |err| MachineError::Kvm { what, err };
+    let mut sregs = bsp.fd.get_sregs().map_err(kvm("get sregs"))?;
+    boot::long_mode_sregs(&mut sregs);
+    bsp.fd.set_sregs(&sregs).map_err(kvm("set sregs"))?;
+    bsp.fd
+        .set_regs(&boot::boot_regs(vm_memory::GuestAddress(entry)))
+        .map_err(kvm("set regs"))?;
+    bsp.fd.set_fpu(&boot::boot_fpu()).map_err(kvm("set FPU"))?;
+    Ok(())
+}
