@@ -186,8 +186,11 @@ pub fn halt() {
     unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
 }
 
+/// Spin-wait hint. Not `core::hint::spin_loop`, whose `_mm_pause` is an SSE2 intrinsic and
+/// the guests are built without SSE.
 pub fn pause() {
-    core::hint::spin_loop();
+    // SAFETY: `pause` only delays the CPU.
+    unsafe { asm!("pause", options(nomem, nostack, preserves_flags)) }
 }
 
 // ---------------------------------------------------------------------------------------------
