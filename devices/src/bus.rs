@@ -1,8 +1,12 @@
 //! Port-I/O and MMIO buses: each device owns an explicit address range, and the vCPU loop
 //! dispatches an exit to whichever device covers the address. No device reaches into another.
+//!
+//! The range table sits behind a `RwLock` so that a bus shared as `Arc<Bus>` by every vCPU can
+//! still change at run time (a guest moving a PCI BAR). The lock is held only to look a range
+//! up, never while a device runs, so a device may itself insert or remove ranges.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// A device on a bus. `offset` is relative to the base of the range it was inserted with.
 pub trait BusDevice: Send {
@@ -22,9 +26,11 @@ pub enum BusError {
     NotFound(u64),
 }
 
-#[derive(Default, Clone)]
+type Ranges = BTreeMap<u64, (u64, SharedDevice)>;
+
+#[derive(Default)]
 pub struct Bus {
-    ranges: BTreeMap<u64, (u64, SharedDevice)>,
+    ranges: RwLock<Ranges>,
 }
 
 impl Bus {
@@ -32,34 +38,46 @@ impl Bus {
         Self::default()
     }
 
-    pub fn insert(&mut self, base: u64, len: u64, dev: SharedDevice) -> Result<(), BusError> {
-        if len == 0 {
-            return Err(BusError::Empty(base));
-        }
-        let end = base
-            .checked_add(len)
-            .ok_or(BusError::Overlap { base, len })?;
-        let before = self.ranges.range(..end).next_back();
-        if let Some((&b, &(l, _))) = before {
-            if b + l > base {
-                return Err(BusError::Overlap { base, len });
-            }
-        }
-        self.ranges.insert(base, (len, dev));
-        Ok(())
+    // Poisoning is ignored: the map is only mutated by whole-entry inserts and removes, so a
+    // panic elsewhere cannot leave it half-updated.
+    fn ranges(&self) -> RwLockReadGuard<'_, Ranges> {
+        self.ranges.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ranges_mut(&self) -> RwLockWriteGuard<'_, Ranges> {
+        self.ranges.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, base: u64, len: u64, dev: SharedDevice) -> Result<(), BusError> {
+        insert_into(&mut self.ranges_mut(), base, len, dev)
     }
 
     /// Removes the range starting exactly at `base` (used when a guest moves a PCI BAR).
-    pub fn remove(&mut self, base: u64) -> Result<SharedDevice, BusError> {
-        self.ranges
+    pub fn remove(&self, base: u64) -> Result<SharedDevice, BusError> {
+        self.ranges_mut()
             .remove(&base)
             .map(|(_, d)| d)
             .ok_or(BusError::NotFound(base))
     }
 
+    /// Moves the range at `old_base` to `new_base` in one step, so no vCPU sees the device
+    /// missing in between; on overlap the range stays where it was.
+    pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
+        let mut ranges = self.ranges_mut();
+        let (len, dev) = ranges
+            .remove(&old_base)
+            .ok_or(BusError::NotFound(old_base))?;
+        if let Err(e) = insert_into(&mut ranges, new_base, len, dev.clone()) {
+            ranges.insert(old_base, (len, dev));
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// The device covering `addr` and the offset of `addr` inside its range.
     pub fn resolve(&self, addr: u64) -> Option<(u64, SharedDevice)> {
-        let (&base, (len, dev)) = self.ranges.range(..=addr).next_back()?;
+        let ranges = self.ranges();
+        let (&base, (len, dev)) = ranges.range(..=addr).next_back()?;
         (addr - base < *len).then(|| (addr - base, dev.clone()))
     }
 
@@ -88,6 +106,27 @@ impl Bus {
     }
 }
 
+fn insert_into(
+    ranges: &mut Ranges,
+    base: u64,
+    len: u64,
+    dev: SharedDevice,
+) -> Result<(), BusError> {
+    if len == 0 {
+        return Err(BusError::Empty(base));
+    }
+    let end = base
+        .checked_add(len)
+        .ok_or(BusError::Overlap { base, len })?;
+    if let Some((&b, &(l, _))) = ranges.range(..end).next_back()
+        && b + l > base
+    {
+        return Err(BusError::Overlap { base, len });
+    }
+    ranges.insert(base, (len, dev));
+    Ok(())
+}
+
 /// Locks a device, ignoring poisoning: a panicked device thread must not take the bus down.
 pub fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
     dev.lock().unwrap_or_else(|e| e.into_inner())
@@ -109,7 +148,7 @@ mod tests {
 
     #[test]
     fn dispatch_overlap_and_remove() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let d: SharedDevice = Arc::new(Mutex::new(Rec(vec![])));
         bus.insert(0x3f8, 8, d.clone()).unwrap();
         assert_eq!(
@@ -135,5 +174,28 @@ mod tests {
         assert!(bus.write(0x3f8, &[9]));
         bus.remove(0x3f8).unwrap();
         assert!(!bus.write(0x3f8, &[9]));
+    }
+
+    #[test]
+    fn relocate_moves_or_keeps() {
+        let bus = Bus::new();
+        let d: SharedDevice = Arc::new(Mutex::new(Rec(vec![])));
+        bus.insert(0x1000, 0x100, d.clone()).unwrap();
+        bus.insert(0x3000, 0x100, d.clone()).unwrap();
+        bus.relocate(0x1000, 0x2000).unwrap();
+        assert!(bus.resolve(0x1000).is_none());
+        assert_eq!(bus.resolve(0x2010).map(|(o, _)| o), Some(0x10));
+        assert_eq!(
+            bus.relocate(0x2000, 0x2f80),
+            Err(BusError::Overlap {
+                base: 0x2f80,
+                len: 0x100
+            })
+        );
+        assert!(bus.resolve(0x2000).is_some());
+        assert_eq!(
+            bus.relocate(0x5000, 0x6000),
+            Err(BusError::NotFound(0x5000))
+        );
     }
 }
