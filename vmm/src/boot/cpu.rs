@@ -173,7 +173,7 @@ mod tests {
         }
         assert_eq!((sregs.cs.type_, sregs.cs.l, sregs.cs.db), (0xb, 1, 0));
         assert_eq!((sregs.ds.type_, sregs.ds.l, sregs.ds.db), (0x3, 0, 1));
-        assert!(sregs.idt.base >= sregs.gdt.base + limit + 1);
+        assert!(sregs.idt.base > sregs.gdt.base + limit);
         let idt: u64 = mem.read_obj(GuestAddress(IDT_ADDR)).unwrap();
         assert_eq!((idt, sregs.idt.limit), (0, 7));
     }

@@ -151,8 +151,11 @@ mod tests {
         b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
     }
 
-    /// Parses the table back from guest memory: (cpu entries, io interrupts, other types).
-    fn parse(mem: &GuestMemory) -> (Vec<[u8; 20]>, Vec<[u8; 8]>, Vec<[u8; 8]>) {
+    /// Processor entries, I/O interrupt entries, and the other (8-byte) entries, in order.
+    type Parsed = (Vec<[u8; 20]>, Vec<[u8; 8]>, Vec<[u8; 8]>);
+
+    /// Parses the table back from guest memory, checking both checksums and the entry count.
+    fn parse(mem: &GuestMemory) -> Parsed {
         let mut fp = [0u8; 16];
         mem.read_slice(&mut fp, GuestAddress(MPTABLE_ADDR)).unwrap();
         assert_eq!(&fp[..4], b"_MP_");
@@ -213,10 +216,11 @@ mod tests {
         );
     }
 
+    // The APIC id space, not the room below 1 MiB, limits the vCPU count.
+    const _: () = assert!(MAX_VCPUS == 254 && FIT_VCPUS > 19_000);
+
     #[test]
     fn vcpu_limits() {
-        assert_eq!(MAX_VCPUS, 254);
-        assert!(FIT_VCPUS > 19_000);
         let mem = guest_mem(2 << 20);
         write_mptable(&mem, MAX_VCPUS).unwrap();
         let (cpus, _, _) = parse(&mem);

@@ -5,13 +5,15 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{BootError, GuestMemory};
-use crate::layout::{FOUR_GIB, MAX_PD_PAGES, PD_ADDR, PDPT_ADDR, PML4_ADDR, ram_top};
+use crate::layout::{CMDLINE_ADDR, FOUR_GIB, MAX_PD_PAGES, PD_ADDR, PDPT_ADDR, PML4_ADDR, ram_top};
 
 const PRESENT: u64 = 1 << 0;
 const WRITABLE: u64 = 1 << 1;
 const HUGE: u64 = 1 << 7;
 const GIB: u64 = 1 << 30;
 const ENTRIES: usize = 512;
+// The largest map's page directories must end before the command line.
+const _: () = assert!(PD_ADDR + MAX_PD_PAGES * 0x1000 <= CMDLINE_ADDR);
 
 /// End of the identity map for `mem_size` bytes of RAM: max(4 GiB, top of RAM), rounded up to a
 /// GiB. Errors beyond `MAX_PD_PAGES` GiB, where the page directories would run out of room.
@@ -58,7 +60,6 @@ pub fn write_page_tables(mem: &GuestMemory, mem_size: u64) -> Result<(), BootErr
 mod tests {
     use super::*;
     use crate::boot::testutil::guest_mem;
-    use crate::layout::CMDLINE_ADDR;
 
     /// Walks the tables as the CPU would; `None` where a level is not present.
     fn translate(mem: &GuestMemory, va: u64) -> Option<u64> {
@@ -71,7 +72,7 @@ mod tests {
         let pde = (pdpte & PRESENT != 0).then(|| entry(pdpte, (va >> 21) & 511))?;
         assert_ne!(pdpte & HUGE, HUGE, "no 1 GiB pages expected");
         (pde & PRESENT != 0 && pde & HUGE != 0)
-            .then(|| (pde & !0x1f_ffff & ((1 << 52) - 1)) | (va & 0x1f_ffff))
+            .then_some((pde & !0x1f_ffff & ((1 << 52) - 1)) | (va & 0x1f_ffff))
     }
 
     #[test]
@@ -108,7 +109,5 @@ mod tests {
         assert_eq!(translate(&mem, (10 << 30) - 8), Some((10 << 30) - 8));
         assert_eq!(translate(&mem, 10 << 30), None);
         assert_eq!(translate(&mem, 1 << 39), None);
-        // The directories stop before the command line.
-        assert!(PD_ADDR + MAX_PD_PAGES * 0x1000 <= CMDLINE_ADDR);
     }
 }
