@@ -51,7 +51,7 @@ impl Devices {
         let exit_port = Arc::new(Mutex::new(ExitPort::new(exit.clone())));
         let cmos = Arc::new(Mutex::new(Cmos::new()));
         let post = Arc::new(Mutex::new(PostCode::new()));
-        let mut pio = Bus::new();
+        let pio = Bus::new();
         pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
         pio.insert(I8042_BASE, I8042_LEN, i8042.clone())?;
         pio.insert(EXIT_PORT_BASE, EXIT_PORT_LEN, exit_port.clone())?;

@@ -22,8 +22,12 @@ fn main() {
         Err(e) => {
             // One readable line, like every other minivmm error.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("bad arguments");
-            eprintln!("minivmm: {}", first.trim_start_matches("error: "));
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .collect();
+            eprintln!("minivmm: {}", lines.join(" ").trim_start_matches("error: "));
             std::process::exit(2);
         }
     };

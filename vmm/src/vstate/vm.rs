@@ -14,8 +14,11 @@ use super::memory::Ram;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot open /dev/kvm: {0} (is KVM available and do you have permission?)")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open {path}: {err} (is KVM available and do you have permission?)")]
+    OpenKvm {
+        path: String,
+        err: kvm_ioctls::Error,
+    },
     #[error("KVM API version {0} is not supported (need 12)")]
     ApiVersion(i32),
     #[error("KVM {what} failed: {err}")]
@@ -46,7 +49,13 @@ pub struct VmState {
 
 impl Vm {
     pub fn new() -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        // MINIVMM_KVM_DEVICE exists for tests of the error path and for unusual hosts.
+        let path = std::env::var("MINIVMM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+        let cpath = std::ffi::CString::new(path.clone()).map_err(|_| VmError::OpenKvm {
+            path: path.clone(),
+            err: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let kvm = Kvm::new_with_path(&cpath).map_err(|err| VmError::OpenKvm { path, err })?;
         let v = kvm.get_api_version();
         if v != 12 {
             return Err(VmError::ApiVersion(v));

@@ -1,0 +1,164 @@
+//! Helpers for integration tests: real minivmm processes, serial logs read from files,
+//! control requests over the real socket.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn minivmm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_minivmm"));
+    c.env("RUST_LOG", "warn").stdin(Stdio::null());
+    c
+}
+
+/// Runs minivmm to completion with a time limit.
+pub fn run_to_end(args: &[&str], limit: Duration) -> Output {
+    let mut child = minivmm()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn minivmm");
+    let start = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("minivmm {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// A minivmm process in the background with its serial port in a file and a control socket.
+pub struct Vm {
+    pub child: Child,
+    pub serial: PathBuf,
+    pub api: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Vm {
+    pub fn spawn(args: &[&str]) -> Vm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let serial = dir.path().join("serial.log");
+        let api = dir.path().join("api.sock");
+        let child = minivmm()
+            .args(args)
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("--api-sock")
+            .arg(&api)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn minivmm");
+        Vm {
+            child,
+            serial,
+            api,
+            dir,
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        serial_lines(&self.serial)
+    }
+
+    /// Waits until some serial line satisfies `pred`; panics with the log on timeout.
+    pub fn wait_line(&self, pred: impl Fn(&str) -> bool, limit: Duration) -> String {
+        wait_line(&self.serial, pred, limit)
+    }
+
+    pub fn ctl(&self, req: &str) -> serde_json::Value {
+        ctl(&self.api, req)
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "minivmm did not exit within {limit:?}; serial:\n{}",
+                    self.lines().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn serial_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn wait_line(path: &Path, pred: impl Fn(&str) -> bool, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some(l) = serial_lines(path).into_iter().find(|l| pred(l)) {
+            return l;
+        }
+        if start.elapsed() > limit {
+            panic!(
+                "no matching serial line within {limit:?}; log:\n{}",
+                serial_lines(path).join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends one request line to a control socket (retrying while it is not there yet).
+pub fn ctl(api: &Path, req: &str) -> serde_json::Value {
+    let start = Instant::now();
+    let mut stream = loop {
+        match UnixStream::connect(api) {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() > Duration::from_secs(10) => panic!("connect {api:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad reply {line:?}: {e}"))
+}
+
+/// Heartbeat sequence numbers in the order they appear.
+pub fn heartbeats(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("HB "))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// Asserts heartbeats count up by one from 0 with no gap or repeat.
+pub fn assert_contiguous(hb: &[u64]) {
+    for (i, &s) in hb.iter().enumerate() {
+        assert_eq!(
+            s, i as u64,
+            "heartbeat sequence broken at position {i}: {hb:?}"
+        );
+    }
+}
