@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod irq;
+pub mod msi;
+pub mod msix;
 
 #[cfg(test)]
 mod testing;
