@@ -159,6 +159,42 @@ mod tests {
     }
 
     #[test]
+    fn guest_code_uses_no_sse() {
+        // The host's KVM emulates guest instructions and cannot execute SSE (README). The only
+        // SSE code allowed is core's prebuilt integer formatting, which the guests link but never
+        // run (their panic handler prints no formatted messages).
+        let dir = std::env::temp_dir().join(format!("guests-sse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for g in all() {
+            let path = dir.join(g.name);
+            std::fs::write(&path, g.elf).unwrap();
+            let Ok(out) = std::process::Command::new("objdump")
+                .arg("-d")
+                .arg(&path)
+                .output()
+            else {
+                eprintln!("objdump not found; skipping");
+                return;
+            };
+            assert!(out.status.success(), "objdump failed on {}", g.name);
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut function = "";
+            for line in text.lines() {
+                if line.ends_with(">:") {
+                    function = line;
+                } else if line.contains("%xmm") || line.contains("%ymm") {
+                    assert!(
+                        function.contains("4core3fmt") || function.contains("4core3str5count"),
+                        "{}: SSE in {function}: {line}",
+                        g.name
+                    );
+                }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn image_leaves_room_for_a_multiboot_header() {
         // A later multiboot header goes at the very start of the image, and multiboot loaders
         // look for it in the first 8 KiB of the file; with the a.out kludge they also load the
