@@ -19,7 +19,7 @@ mod wire;
 
 pub use caps::{Capabilities, VersionInfo};
 pub use client::{Client, ClientOptions, DEFAULT_TIMEOUT};
-pub use error::{Error, Result};
+pub use error::{CommandName, Error, Result};
 pub use fdpass::{recv_with_fds, send_with_fds};
 pub use header::{
     Command, HEADER_SIZE, Header, MAX_DATA_XFER_SIZE, MAX_MSG_FDS, MAX_MSG_SIZE, MsgType,
