@@ -21,7 +21,12 @@ fn main() {
     let programs = manifest_dir.join("programs");
     let script = manifest_dir.join("guest.ld");
 
+    // Under `cargo clippy` this is clippy-driver, which then lints the guest programs too (with
+    // the lint flags cargo passes it through CLIPPY_ARGS).
+    let wrapper = env::var_os("RUSTC_WORKSPACE_WRAPPER").filter(|w| !w.is_empty());
+
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=RUSTC_WORKSPACE_WRAPPER");
     println!("cargo:rerun-if-changed={}", script.display());
     // A directory makes cargo rescan every file under it, which covers the shared runtime.
     println!("cargo:rerun-if-changed={}", programs.display());
@@ -29,7 +34,15 @@ fn main() {
     for name in GUESTS {
         let src = programs.join(format!("{name}.rs"));
         let out = out_dir.join(format!("{name}.elf"));
-        let output = Command::new(&rustc)
+        let mut cmd = match &wrapper {
+            Some(w) => {
+                let mut c = Command::new(w);
+                c.arg(&rustc);
+                c
+            }
+            None => Command::new(&rustc),
+        };
+        let output = cmd
             .arg(&src)
             .args(["--crate-name", name])
             .args(["--edition", "2024", "--crate-type", "bin"])

@@ -111,7 +111,7 @@ struct Pacer {
 
 impl Pacer {
     fn new(tsc_hz: u64, hb_ms: u64, rate: u64) -> Pacer {
-        let page_ticks = if rate == 0 { 0 } else { (tsc_hz / rate).max(1) };
+        let page_ticks = tsc_hz.checked_div(rate).map_or(0, |t| t.max(1));
         Pacer {
             clock: rt::Clock::new(tsc_hz),
             hb_ticks: (tsc_hz * hb_ms / 1000).max(1),
