@@ -12,6 +12,7 @@ pub mod ranges;
 pub mod recv;
 pub mod send;
 pub mod session;
+pub mod sparse;
 pub mod state;
 pub mod stats;
 pub mod throttle;

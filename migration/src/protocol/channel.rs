@@ -2,9 +2,11 @@
 //! pairs and in-memory buffers in tests). Reads are unbuffered on purpose: page bytes go from
 //! the socket straight into guest memory, so no user-space buffer may hold them back.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVolatile};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, ReadVolatile, WriteVolatile,
+};
 
 use super::codec::{decode_frame, encode_frame, read_exact_bounded, read_header};
 use super::{HEADER_LEN, MAX_PAGES_BYTES, Message, MessageType, ProtocolError};
@@ -176,8 +178,26 @@ impl<S: Read + ReadVolatile> Channel<S> {
                 format!("{p:x?} is outside guest memory"),
             ));
         }
-        mem.read_exact_volatile_from(GuestAddress(p.gpa), &mut self.stream, len)?;
-        self.bytes_read += p.len;
+        // vm-memory's read_exact_volatile_from issues a single read per region and calls a
+        // short read an error, which a socket delivers all the time: loop until done.
+        let mut done = 0;
+        while done < len {
+            let at = GuestAddress(p.gpa + done as u64);
+            match mem.read_volatile_from(at, &mut self.stream, len - done) {
+                Ok(0) => {
+                    return Err(ProtocolError::Truncated {
+                        expected: p.len,
+                        got: done as u64,
+                    });
+                }
+                Ok(n) => {
+                    done += n;
+                    self.bytes_read += n as u64;
+                }
+                Err(GuestMemoryError::IOError(e)) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 }

@@ -198,3 +198,37 @@ fn without_zero_detection_everything_is_data() {
     assert_eq!(c.wire_bytes, 0x30_0000 + 3 * 24);
     let _ = dst;
 }
+
+#[test]
+fn holes_of_a_shared_memfd_are_sent_as_zero_without_reading() {
+    use std::os::fd::FromRawFd;
+    use vm_memory::FileOffset;
+    use vm_memory::mmap::GuestRegionMmap;
+    const SIZE: usize = 8 << 20;
+    // SAFETY: memfd_create returns a new fd that the File takes ownership of.
+    let file = unsafe { std::fs::File::from_raw_fd(libc::memfd_create(c"ram".as_ptr(), 0)) };
+    file.set_len(SIZE as u64).unwrap();
+    let region =
+        GuestRegionMmap::from_range(GuestAddress(0), SIZE, Some(FileOffset::new(file, 0))).unwrap();
+    let src = Mem::from_regions(vec![region]).unwrap();
+    src.write_obj(0xabu8, GuestAddress(0x30_0005)).unwrap();
+    src.write_obj(0u8, GuestAddress(0x50_0000)).unwrap(); // data in the file, but zero
+    let dst = Mem::from_ranges(&[(GuestAddress(0), SIZE)]).unwrap();
+    dst.write_obj(0xeeu8, GuestAddress(0x70_0000)).unwrap(); // stale: must be cleared
+    let mut rx = MemoryReceiver::new(&dst, false);
+    let c = transfer(&src, &dst, &mut rx, vec![MemoryRange::new(0, SIZE as u64)]);
+    assert_eq!(
+        (c.normal_pages, c.zero_pages),
+        (1, SIZE as u64 / PAGE_SIZE - 1)
+    );
+    assert_eq!(dst.read_obj::<u8>(GuestAddress(0x30_0005)).unwrap(), 0xab);
+    assert_eq!(dst.read_obj::<u8>(GuestAddress(0x70_0000)).unwrap(), 0);
+    // The scan did not fault the holes in: the file still has just two pages of data.
+    let fo = src.iter().next().unwrap().file_offset().unwrap();
+    let segs =
+        crate::sparse::segments(std::os::fd::AsFd::as_fd(fo.file()), 0, SIZE as u64).unwrap();
+    assert_eq!(
+        segs.iter().filter(|s| s.data).map(|s| s.len).sum::<u64>(),
+        2 * PAGE_SIZE
+    );
+}

@@ -5,6 +5,7 @@ mod fuzz;
 mod memory;
 mod protocol;
 mod session;
+mod throughput;
 
 use crate::description::{CpuidEntry, DeviceDescription, MigrationCaps, VmDescription};
 use crate::protocol::{DestTimings, DevicePhase, Message};

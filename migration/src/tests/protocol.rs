@@ -234,3 +234,52 @@ fn read_timeout_at_a_frame_boundary_is_recoverable() {
     tx.get_mut().write_all(&[0x4d]).unwrap(); // one byte of a header, then silence
     assert!(matches!(rx.recv(), Err(ProtocolError::Io(_))));
 }
+
+/// A stream that hands out at most 100 bytes per read, as a busy socket does.
+struct Trickle(Cursor<Vec<u8>>);
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(100);
+        self.0.read(&mut buf[..n])
+    }
+}
+
+impl vm_memory::ReadVolatile for Trickle {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        let mut tmp = [0u8; 100];
+        let n = buf.len().min(100);
+        let got = std::io::Read::read(&mut self.0, &mut tmp[..n])
+            .map_err(vm_memory::VolatileMemoryError::IOError)?;
+        buf.copy_from(&tmp[..got]);
+        Ok(got)
+    }
+}
+
+#[test]
+fn short_reads_while_receiving_pages_are_retried() {
+    let src = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let dst = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let pattern: Vec<u8> = (0..0x10000u32).map(|i| (i % 251) as u8).collect();
+    vm_memory::Bytes::write_slice(&src, &pattern, GuestAddress(0)).unwrap();
+    let mut tx = Channel::new(Vec::new());
+    tx.send_memory(&src, MemoryRange::new(0, 0x10000)).unwrap();
+    let mut wire = tx.into_inner();
+    let mut rx = Channel::new(Trickle(Cursor::new(wire.clone())));
+    assert!(matches!(rx.recv().unwrap(), Message::MemoryPages { .. }));
+    rx.recv_memory(&dst).unwrap();
+    let mut got = vec![0u8; 0x10000];
+    vm_memory::Bytes::read_slice(&dst, &mut got, GuestAddress(0)).unwrap();
+    assert!(got == pattern);
+    // Cut short: a typed error, not a hang or a panic.
+    wire.truncate(wire.len() - 1);
+    let mut rx = Channel::new(Trickle(Cursor::new(wire)));
+    rx.recv().unwrap();
+    assert!(matches!(
+        rx.recv_memory(&dst),
+        Err(ProtocolError::Truncated { .. })
+    ));
+}
