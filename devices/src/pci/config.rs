@@ -303,29 +303,6 @@ impl PciConfiguration {
             size,
         })
     }
-
-    /// BARs the device decodes now: their space is enabled in COMMAND and they hold an address
-    /// (0 means "not assigned").
-    pub fn active_bars(&self) -> Vec<BarRegion> {
-        let cmd = self.command();
-        self.bars()
-            .into_iter()
-            .filter(|b| {
-                let on = if b.kind.is_io() {
-                    cmd & COMMAND_IO != 0
-                } else {
-                    cmd & COMMAND_MEMORY != 0
-                };
-                on && b.addr != 0 && b.addr.checked_add(b.size).is_some()
-            })
-            .collect()
-    }
-
-    /// Whether `offset` lies in a BAR register (or the ROM BAR), i.e. whether a write there
-    /// may move a decoded range.
-    pub fn is_bar_register(offset: usize) -> bool {
-        (BAR0..BAR0 + 4 * NUM_BARS).contains(&offset) || (ROM_BAR..ROM_BAR + 4).contains(&offset)
-    }
 }
 
 // Capabilities.
@@ -505,37 +482,6 @@ mod tests {
             c.add_bar(1, 0x1000, BarKind::Io),
             Err(ConfigError::BarIndex(1))
         );
-    }
-
-    #[test]
-    fn active_bars_follow_command() {
-        let mut c = cfg();
-        c.add_bar(
-            0,
-            0x1000,
-            BarKind::Mem32 {
-                prefetchable: false,
-            },
-        )
-        .unwrap();
-        c.add_bar(1, 0x10, BarKind::Io).unwrap();
-        c.add_bar(
-            2,
-            0x1000,
-            BarKind::Mem32 {
-                prefetchable: false,
-            },
-        )
-        .unwrap();
-        c.write(BAR0, &0xc000_0000u32.to_le_bytes());
-        c.write(BAR0 + 4, &0xc000u32.to_le_bytes());
-        assert!(c.active_bars().is_empty());
-        c.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
-        let a = c.active_bars();
-        assert_eq!(a.len(), 1, "BAR 2 has no address");
-        assert_eq!((a[0].index, a[0].addr), (0, 0xc000_0000));
-        c.write(COMMAND, &(COMMAND_IO | COMMAND_MEMORY).to_le_bytes());
-        assert_eq!(c.active_bars().len(), 2);
     }
 
     #[test]

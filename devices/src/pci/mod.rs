@@ -1,10 +1,21 @@
 //! PCI: configuration space, the root bus with its 0xCF8/0xCFC and ECAM access paths, MSI and
 //! MSI-X emulation wired to KVM, and the VFIO passthrough device on a backend trait.
 
+pub mod bus;
 pub mod config;
+pub mod config_access;
+pub mod device;
+pub mod host_bridge;
 pub mod irq;
 pub mod msi;
 pub mod msix;
 
 #[cfg(test)]
 mod testing;
+
+pub use bus::{PciBdf, PciRoot, PciRootError, PciWindows};
+pub use config_access::{
+    ECAM_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, PciConfigIo, PciConfigMmio,
+};
+pub use device::{PciDevice, SharedPciDevice};
+pub use irq::{KvmMsiRouting, MsiMessage, MsiRouting, MsiVectors, VectorRoute};

@@ -1,10 +1,14 @@
-//! Fakes shared by the PCI unit tests: an [`MsiRouting`] that records what KVM would be told.
+//! Fakes shared by the PCI unit tests: an [`MsiRouting`] that records what KVM would be told,
+//! and a plain PCI function with BARs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
+use migration::state::{StateError, decode, encode};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::config::{BarKind, BarRegion, PciConfigState, PciConfiguration, PciHeader};
+use super::device::PciDevice;
 use super::irq::{IrqError, MsiMessage, MsiRouting};
 
 #[derive(Default)]
@@ -82,5 +86,69 @@ impl MsiRouting for FakeRouting {
             "irqfd not attached"
         );
         Ok(())
+    }
+}
+
+/// A PCI function with declared BARs whose BAR accesses are recorded.
+pub struct TestDevice {
+    pub config: PciConfiguration,
+    pub bar_writes: Vec<(usize, u64, Vec<u8>)>,
+    pub mapped: Vec<(usize, Option<u64>)>,
+}
+
+impl TestDevice {
+    pub fn new(bars: &[(usize, u64, BarKind)]) -> Self {
+        let mut config = PciConfiguration::new(&PciHeader {
+            vendor_id: 0x1234,
+            device_id: 0x5678,
+            class: (0xff, 0, 0),
+            ..Default::default()
+        });
+        for &(i, size, kind) in bars {
+            config.add_bar(i, size, kind).unwrap();
+        }
+        TestDevice {
+            config,
+            bar_writes: Vec::new(),
+            mapped: Vec::new(),
+        }
+    }
+}
+
+impl PciDevice for TestDevice {
+    fn read_config(&mut self, offset: usize, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+    }
+
+    fn bars(&self) -> Vec<BarRegion> {
+        self.config.bars()
+    }
+
+    // Reads return the BAR index in every byte, so tests can tell BARs apart.
+    fn read_bar(&mut self, bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(bar as u8 + 0xa0);
+    }
+
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        self.bar_writes.push((bar, offset, data.to_vec()));
+    }
+
+    fn bar_mapped(&mut self, bar: usize, addr: Option<u64>) {
+        self.mapped.push((bar, addr));
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        encode(&self.config.state())
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let s: PciConfigState = decode(bytes)?;
+        self.config
+            .restore(&s)
+            .map_err(|e| StateError::Decode(e.to_string()))
     }
 }
