@@ -412,36 +412,63 @@ pub fn rdtsc() -> u64 {
 }
 
 const PIT_HZ: u64 = 1_193_182;
-const CALIBRATE_MS: u64 = 50;
+/// PIT ticks to measure over in total: 40 ms.
+const CALIBRATE_PIT_TICKS: u64 = PIT_HZ * 40 / 1000;
+/// Widest acceptable TSC window around one counter read (~0.4 ms at 2.5 GHz, against the
+/// ~10 us such a read takes when the vCPU is not descheduled in the middle of it).
+const MAX_SAMPLE_WINDOW: u64 = 1_000_000;
+/// Longest acceptable TSC gap between consecutive reads: at most 10 ms for any TSC of 1 GHz or
+/// more, far inside the 55 ms after which the 16-bit counter wraps and a delta is ambiguous.
+const MAX_SAMPLE_GAP: u64 = 10_000_000;
 const FALLBACK_TSC_HZ: u64 = 2_000_000_000;
 
-/// TSC ticks per second, measured once over 50 ms of PIT channel 2 in mode 0 (one-shot),
-/// whose OUT pin is readable as bit 5 of port 0x61. Falls back to 2 GHz, with a message, if
-/// the PIT does not answer or gives a nonsensical result.
+/// (TSC at the middle of the read, PIT channel 2 count, width of the TSC window around it).
+fn pit_sample() -> (u64, u16, u64) {
+    let before = rdtsc();
+    // Counter-latch command for channel 2, then the latched count, low byte first.
+    outb(0x43, 0x80);
+    let lo = inb(0x42) as u16;
+    let hi = inb(0x42) as u16;
+    let after = rdtsc();
+    let window = after.wrapping_sub(before);
+    (before.wrapping_add(window / 2), hi << 8 | lo, window)
+}
+
+/// TSC ticks per second, measured once against PIT channel 2 (free-running down from 0xffff
+/// in mode 0, gated on through port 0x61).
+///
+/// It reads the counter, bracketed by TSC reads, over and over, and adds up TSC and PIT
+/// deltas of consecutive reads. Pairs where the vCPU was descheduled (a wide bracket, or a
+/// long gap in which the counter may have wrapped) are left out of both sums; on this host
+/// two cores are shared by everything, and vCPUs regularly lose 10 ms or more. Falls back to
+/// 2 GHz, with a message, if the PIT does not count or the result is nonsensical.
 pub fn calibrate_tsc(who: &str) -> u64 {
-    let latch = PIT_HZ * CALIBRATE_MS / 1000;
     // Gate channel 2 on (bit 0), speaker off (bit 1).
     let ctl = inb(0x61);
     outb(0x61, (ctl & !0x02) | 0x01);
-    // Channel 2, lobyte/hibyte, mode 0, binary. OUT drops now and rises when the count ends.
+    // Channel 2, lobyte/hibyte, mode 0, binary; counting starts once the count is written.
     outb(0x43, 0xb0);
-    outb(0x42, latch as u8);
-    outb(0x42, (latch >> 8) as u8);
-    let start = rdtsc();
-    let mut end = start;
-    let mut ok = false;
-    // Bounded by TSC ticks: 1e9 ticks is at most 1 s on any CPU of 1 GHz or faster.
-    while end.wrapping_sub(start) < 1_000_000_000 {
-        if inb(0x61) & 0x20 != 0 {
-            ok = true;
-            break;
+    outb(0x42, 0xff);
+    outb(0x42, 0xff);
+
+    let begin = rdtsc();
+    let (mut tsc_sum, mut pit_sum) = (0u64, 0u64);
+    let mut prev = pit_sample();
+    // Bounded by TSC ticks: 4e9 ticks is at most 4 s on any CPU of 1 GHz or faster.
+    while pit_sum < CALIBRATE_PIT_TICKS && rdtsc().wrapping_sub(begin) < 4_000_000_000 {
+        let cur = pit_sample();
+        let gap = cur.0.wrapping_sub(prev.0);
+        if gap <= MAX_SAMPLE_GAP && prev.2 <= MAX_SAMPLE_WINDOW && cur.2 <= MAX_SAMPLE_WINDOW {
+            tsc_sum += gap;
+            pit_sum += prev.1.wrapping_sub(cur.1) as u64;
         }
-        end = rdtsc();
+        prev = cur;
     }
-    end = rdtsc();
-    let hz = end.wrapping_sub(start) * (1000 / CALIBRATE_MS);
-    if ok && (100_000_000..=20_000_000_000).contains(&hz) {
-        return hz;
+    if pit_sum >= CALIBRATE_PIT_TICKS {
+        let hz = tsc_sum * PIT_HZ / pit_sum;
+        if (100_000_000..=20_000_000_000).contains(&hz) {
+            return hz;
+        }
     }
     line()
         .s(who)
