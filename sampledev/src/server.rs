@@ -37,11 +37,16 @@ pub fn serve_one(listener: UnixListener, device: &Device) -> Result<(), ServeErr
     }
     let result = Session::new(stream, device).run();
     device.client_gone();
-    match &result {
+    match result {
         Ok(()) => log::info!("client disconnected"),
-        Err(e) => log::error!("dropping the client after a protocol error: {e}"),
+        // Gone while we answered: still a disconnect, not a protocol violation.
+        Err(vfio_user::Error::DeviceLost) => log::info!("client disconnected mid-request"),
+        Err(e) => {
+            log::error!("dropping the client after a protocol error: {e}");
+            return Err(e.into());
+        }
     }
-    result.map_err(ServeError::from)
+    Ok(())
 }
 
 /// The device has one owner at a time: later clients are closed at once.

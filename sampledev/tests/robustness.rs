@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -83,7 +82,7 @@ fn second_client_is_turned_away() {
 #[test]
 fn garbage_framing_drops_the_client_without_crashing() {
     let mut srv = Server::start("64K");
-    let mut s = UnixStream::connect(&srv.socket).unwrap();
+    let mut s = srv.raw();
     // A header announcing a 4-byte message.
     s.write_all(&[1, 0, 1, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
         .unwrap();
@@ -98,7 +97,7 @@ fn garbage_framing_drops_the_client_without_crashing() {
 #[test]
 fn oversized_and_out_of_order_requests() {
     let mut srv = Server::start("64K");
-    let s = UnixStream::connect(&srv.socket).unwrap();
+    let s = srv.raw();
     // Before VERSION, everything else is refused (but the connection stays).
     let h = Header::request(1, Command::DeviceGetInfo, 16).unwrap();
     send_message(&s, &h, &[0; 16], &[]).unwrap();

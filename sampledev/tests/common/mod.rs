@@ -53,7 +53,35 @@ impl Server {
         let opts = ClientOptions {
             timeout: Duration::from_secs(5),
         };
-        Client::connect_with(&self.socket, opts).unwrap()
+        // The socket file appears at bind(), a moment before listen().
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Client::connect_with(&self.socket, opts.clone()) {
+                Err(vfio_user::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                r => return r.unwrap(),
+            }
+        }
+    }
+
+    /// A raw connection, for speaking broken protocol.
+    pub fn raw(&self) -> std::os::unix::net::UnixStream {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::os::unix::net::UnixStream::connect(&self.socket) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                r => return r.unwrap(),
+            }
+        }
     }
 
     /// Waits up to `limit` for the server to exit.
