@@ -2,7 +2,7 @@
 //! line. `minivmm ctl` is its client. A bad request gets an error reply, never a crash.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -12,8 +12,10 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde_json::{Value, json};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::cli::MigrationTuning;
 use crate::exit::ExitSignal;
-use crate::machine::{MachineError, SharedMachine};
+use crate::machine::{Machine, MachineError, SharedMachine};
+use crate::migrate;
 
 /// A request line longer than this is refused (and the connection closed).
 const MAX_REQUEST: usize = 64 * 1024;
@@ -133,7 +135,7 @@ fn handle_line(line: &[u8], machine: &SharedMachine, exit: &ExitSignal) -> Value
     }
 }
 
-fn handle(cmd: &str, _req: &Value, machine: &SharedMachine, exit: &ExitSignal) -> Value {
+fn handle(cmd: &str, req: &Value, machine: &SharedMachine, exit: &ExitSignal) -> Value {
     let mut m = machine.lock().unwrap_or_else(|e| e.into_inner());
     match cmd {
         "status" => json!({
@@ -151,6 +153,16 @@ fn handle(cmd: &str, _req: &Value, machine: &SharedMachine, exit: &ExitSignal) -
             Ok(()) => json!({ "ok": true, "state": "running" }),
             Err(e) => error(e),
         },
+        "migrate" => start_migration(&m, machine, req),
+        "migration-status" => {
+            let i = m.migration.lock().unwrap_or_else(|e| e.into_inner());
+            json!({
+                "ok": true,
+                "running": i.running,
+                "progress": i.progress,
+                "stats": serde_json::to_value(&i.stats).unwrap_or(Value::Null),
+            })
+        }
         "shutdown" => {
             exit.request(0);
             json!({ "ok": true, "state": "exiting" })
@@ -159,8 +171,86 @@ fn handle(cmd: &str, _req: &Value, machine: &SharedMachine, exit: &ExitSignal) -
     }
 }
 
+/// `migrate`: {"cmd":"migrate","to":"HOST:PORT","downtime_ms":300,"max_bandwidth":N,"timeout":S}
+fn start_migration(m: &Machine, machine: &SharedMachine, req: &Value) -> Value {
+    let Some(to) = req.get("to").and_then(Value::as_str) else {
+        return error("migrate needs \"to\": \"HOST:PORT\"");
+    };
+    if m.migration
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .running
+    {
+        return error("a migration is already running");
+    }
+    let num = |k: &str, d: u64| req.get(k).and_then(Value::as_u64).unwrap_or(d);
+    let tuning = MigrationTuning {
+        downtime_ms: num("downtime_ms", 300),
+        max_bandwidth: req.get("max_bandwidth").and_then(Value::as_u64),
+        timeout: num("timeout", 600),
+    };
+    migrate::spawn(
+        machine.clone(),
+        migrate::options(to, &tuning),
+        m.migration.clone(),
+        Duration::ZERO,
+    );
+    json!({ "ok": true, "status": "setup" })
+}
+
+/// `minivmm migrate`: starts a migration through the control socket and follows it, with a
+/// progress line on a terminal, until it ends; prints the final statistics as JSON.
+pub fn migrate_client(path: &Path, to: &str, t: &MigrationTuning) -> Result<i32, MachineError> {
+    let mut args = vec![
+        format!("to={to}"),
+        format!("downtime_ms={}", t.downtime_ms),
+        format!("timeout={}", t.timeout),
+    ];
+    if let Some(b) = t.max_bandwidth {
+        args.push(format!("max_bandwidth={b}"));
+    }
+    let reply = request(path, "migrate", &args)?;
+    if reply.get("ok").and_then(Value::as_bool) != Some(true) {
+        println!("{reply}");
+        return Ok(1);
+    }
+    let tty = std::io::stderr().is_terminal();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        // The source process exits once the destination runs the guest.
+        let Ok(st) = request(path, "migration-status", &[]) else {
+            eprintln!();
+            println!("{{\"status\":\"completed\",\"note\":\"source exited after handing over\"}}");
+            return Ok(0);
+        };
+        if st.get("running").and_then(Value::as_bool) == Some(true) {
+            if tty {
+                eprint!("\r{}\x1b[K", st["progress"].as_str().unwrap_or(""));
+            }
+            continue;
+        }
+        if tty {
+            eprintln!();
+        }
+        println!("{}", st["stats"]);
+        let ok = st["stats"]["status"] == "completed";
+        return Ok(if ok { 0 } else { 1 });
+    }
+}
+
 /// `minivmm ctl`: sends one request, prints the reply; exit code 0 when it says ok.
 pub fn client(path: &Path, cmd: &str, args: &[String]) -> Result<i32, MachineError> {
+    let reply = request(path, cmd, args)?;
+    println!("{reply}");
+    Ok(if reply.get("ok").and_then(Value::as_bool) == Some(true) {
+        0
+    } else {
+        1
+    })
+}
+
+/// One request (`cmd` plus key=value fields) and its parsed reply.
+fn request(path: &Path, cmd: &str, args: &[String]) -> Result<Value, MachineError> {
     let mut req = serde_json::Map::new();
     req.insert("cmd".into(), Value::from(cmd));
     for a in args {
@@ -186,10 +276,5 @@ pub fn client(path: &Path, cmd: &str, args: &[String]) -> Result<i32, MachineErr
     stream.write_all(line.as_bytes()).map_err(io)?;
     let mut reply = String::new();
     BufReader::new(stream).read_line(&mut reply).map_err(io)?;
-    print!("{reply}");
-    let ok = serde_json::from_str::<Value>(&reply)
-        .ok()
-        .and_then(|v| v.get("ok").and_then(Value::as_bool))
-        .unwrap_or(false);
-    Ok(if ok { 0 } else { 1 })
+    serde_json::from_str(&reply).map_err(|e| io(std::io::Error::other(format!("bad reply: {e}"))))
 }

@@ -31,6 +31,42 @@ pub enum Command {
     },
     /// List the embedded test guests.
     Guests,
+    /// Wait for one live migration on HOST:PORT, then run the VM it brings.
+    Receive(ReceiveArgs),
+    /// Live-migrate the VM of a running minivmm (found by its control socket) to a destination.
+    Migrate {
+        #[arg(long)]
+        api_sock: PathBuf,
+        /// Destination HOST:PORT (a `minivmm receive --listen`).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        tuning: MigrationTuning,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReceiveArgs {
+    #[arg(long)]
+    pub listen: String,
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// stdio | file:PATH | null
+    #[arg(long, default_value = "stdio", value_parser = parse_serial)]
+    pub serial: SerialOutput,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrationTuning {
+    /// Longest acceptable pause of the guest, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Bandwidth cap for pre-copy in bytes per second (e.g. 100M); unlimited by default.
+    #[arg(long, value_parser = parse_size)]
+    pub max_bandwidth: Option<u64>,
+    /// Give up (the guest keeps running on the source) after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -56,6 +92,14 @@ pub struct RunArgs {
     /// UNIX socket for the JSON-lines control API.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// Live-migrate the VM to this HOST:PORT once it runs.
+    #[arg(long)]
+    pub migrate_to: Option<String>,
+    /// Seconds to run before migrating.
+    #[arg(long, default_value_t = 0.0, requires = "migrate_to")]
+    pub migrate_after: f64,
+    #[command(flatten)]
+    pub tuning: MigrationTuning,
 }
 
 pub fn parse_serial(s: &str) -> Result<SerialOutput, String> {

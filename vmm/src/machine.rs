@@ -1,20 +1,23 @@
 //! A running VM: build it, load the kernel, start the vCPUs (the vmm-reference boot path).
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use devices::legacy::LegacyError;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
 use crate::boot::{self, BootError, BootSpec, KernelImage};
-use crate::cli::RunArgs;
+use crate::cli::{ReceiveArgs, RunArgs};
 use crate::devices_setup::{DeviceSetupError, Devices};
 use crate::event_loop;
 use crate::exit::ExitSignal;
+use crate::migrate::{self, MigrateError, SharedInfo, dest};
+use crate::vstate::cpuid::{self, CpuidEntry};
 use crate::vstate::memory::{MemoryError, Ram};
 use crate::vstate::runner::{ExitContext, RunnerError, Vcpus};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
+use devices::serial::SerialOutput;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -54,6 +57,10 @@ pub struct Machine {
     pub devices: Devices,
     pub exit: ExitSignal,
     pub started: Instant,
+    /// The CPUID vCPU 0 was configured with (what a destination must match).
+    pub cpuid: Vec<CpuidEntry>,
+    /// The outgoing migration's progress, for the control API.
+    pub migration: SharedInfo,
 }
 
 pub type SharedMachine = Arc<Mutex<Machine>>;
@@ -61,11 +68,40 @@ pub type SharedMachine = Arc<Mutex<Machine>>;
 /// `minivmm run`: boot, serve the event loop until the guest or a request ends the VM.
 pub fn run(args: &RunArgs) -> Result<i32, MachineError> {
     let machine = Machine::boot(args)?;
-    let exit = machine.exit.clone();
-    let serial = machine.devices.serial.clone();
+    let info = machine.migration.clone();
     let shared = Arc::new(Mutex::new(machine));
-    let stdin = args.serial == devices::serial::SerialOutput::Stdout;
-    let code = event_loop::run(&shared, &exit, serial, stdin, args.api_sock.as_deref())?;
+    if let Some(to) = &args.migrate_to {
+        let opts = migrate::options(to, &args.tuning);
+        let after = Duration::from_secs_f64(args.migrate_after.max(0.0));
+        migrate::spawn(shared.clone(), opts, info, after);
+    }
+    serve(shared, &args.serial, args.api_sock.as_deref())
+}
+
+/// `minivmm receive`: take one incoming migration, then be that VM.
+pub fn receive(args: &ReceiveArgs) -> Result<i32, MigrateError> {
+    let stream = dest::accept(&args.listen)?;
+    let (machine, stats) = dest::receive(stream, &args.serial)?;
+    println!("{}", stats.to_json());
+    Ok(serve(
+        Arc::new(Mutex::new(machine)),
+        &args.serial,
+        args.api_sock.as_deref(),
+    )?)
+}
+
+/// Runs the event loop of a live machine until it ends; returns the exit code.
+fn serve(
+    shared: SharedMachine,
+    serial: &SerialOutput,
+    api_sock: Option<&std::path::Path>,
+) -> Result<i32, MachineError> {
+    let (exit, serial_dev) = {
+        let m = shared.lock().unwrap_or_else(|e| e.into_inner());
+        (m.exit.clone(), m.devices.serial.clone())
+    };
+    let stdin = *serial == SerialOutput::Stdout;
+    let code = event_loop::run(&shared, &exit, serial_dev, stdin, api_sock)?;
     shutdown(shared);
     Ok(code)
 }
@@ -83,13 +119,8 @@ pub fn shutdown(shared: SharedMachine) {
 }
 
 impl Machine {
+    /// `minivmm run`: a new VM with the kernel loaded and vCPU 0 at its entry point.
     pub fn boot(args: &RunArgs) -> Result<Self, MachineError> {
-        let vm = Vm::new()?;
-        let max = vm.max_vcpus().min(boot::MAX_VCPUS as usize);
-        if args.vcpus == 0 || args.vcpus as usize > max {
-            return Err(MachineError::VcpuCount(args.vcpus, max));
-        }
-        let count = args.vcpus as u8;
         let kernel = match (&args.kernel, &args.guest) {
             (Some(path), _) => KernelImage::Path(path.clone()),
             (None, Some(name)) => KernelImage::Embedded(
@@ -99,26 +130,59 @@ impl Machine {
             ),
             (None, None) => return Err(MachineError::UnknownGuest(String::new())),
         };
-        let ram = Ram::new(args.memory)?;
-        vm.set_ram_slots(&ram, false)?;
-        let exit = ExitSignal::new()?;
-        let devices = Devices::new(&vm, &args.serial, &exit)?;
         let spec = BootSpec {
             kernel,
             initramfs: args.initramfs.clone(),
             cmdline: args.cmdline.clone(),
-            vcpus: count,
+            vcpus: 0,
             mem_size: args.memory,
         };
-        let info = boot::load(&ram.mem, &spec)?;
-        let vcpus = create_vcpus(&vm, count)?;
-        set_boot_registers(&vcpus[0], info.entry.0)?;
+        Self::assemble(args.memory, args.vcpus, &args.serial, Some(spec))
+    }
+
+    /// `minivmm receive`: the same VM without a kernel, vCPUs parked until the state arrives.
+    pub fn for_incoming(
+        memory: u64,
+        vcpus: u16,
+        serial: &SerialOutput,
+    ) -> Result<Self, MachineError> {
+        Self::assemble(memory, vcpus, serial, None)
+    }
+
+    fn assemble(
+        memory: u64,
+        vcpus: u16,
+        serial: &SerialOutput,
+        boot_spec: Option<BootSpec>,
+    ) -> Result<Self, MachineError> {
+        let vm = Vm::new()?;
+        let max = vm.max_vcpus().min(boot::MAX_VCPUS as usize);
+        if vcpus == 0 || vcpus as usize > max {
+            return Err(MachineError::VcpuCount(vcpus, max));
+        }
+        let count = vcpus as u8;
+        let ram = Ram::new(memory)?;
+        vm.set_ram_slots(&ram)?;
+        let exit = ExitSignal::new()?;
+        let devices = Devices::new(&vm, serial, &exit)?;
+        let (vcpus, cpuid) = create_vcpus(&vm, count)?;
+        let incoming = boot_spec.is_none();
+        if let Some(spec) = boot_spec {
+            let info = boot::load(
+                &ram.mem,
+                &BootSpec {
+                    vcpus: count,
+                    ..spec
+                },
+            )?;
+            set_boot_registers(&vcpus[0], info.entry.0)?;
+        }
         let ctx = ExitContext {
             pio: devices.pio.clone(),
             mmio: devices.mmio.clone(),
             exit: exit.clone(),
         };
-        let vcpus = Vcpus::start(vcpus, ctx, false)?;
+        let vcpus = Vcpus::start(vcpus, ctx, incoming)?;
         Ok(Machine {
             vm,
             ram,
@@ -126,13 +190,15 @@ impl Machine {
             devices,
             exit,
             started: Instant::now(),
+            cpuid,
+            migration: SharedInfo::default(),
         })
     }
 }
 
 /// Creates and configures `count` vCPUs (CPUID, MSRs, LAPIC); the secondaries then wait
-/// for INIT/SIPI in the in-kernel LAPIC.
-pub fn create_vcpus(vm: &Vm, count: u8) -> Result<Vec<Vcpu>, MachineError> {
+/// for INIT/SIPI in the in-kernel LAPIC. Also returns vCPU 0's CPUID.
+pub fn create_vcpus(vm: &Vm, count: u8) -> Result<(Vec<Vcpu>, Vec<CpuidEntry>), MachineError> {
     let supported = vm
         .kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -140,7 +206,8 @@ pub fn create_vcpus(vm: &Vm, count: u8) -> Result<Vec<Vcpu>, MachineError> {
             what: "get supported CPUID",
             err,
         })?;
-    (0..count)
+    let cpuid = cpuid::to_entries(&cpuid::for_vcpu(&supported, 0, count as u32));
+    let vcpus = (0..count)
         .map(|index| {
             let fd = vm
                 .fd
@@ -153,7 +220,8 @@ pub fn create_vcpus(vm: &Vm, count: u8) -> Result<Vec<Vcpu>, MachineError> {
             vcpu.configure(&supported, count)?;
             Ok(vcpu)
         })
-        .collect()
+        .collect::<Result<_, MachineError>>()?;
+    Ok((vcpus, cpuid))
 }
 
 fn set_boot_registers(bsp: &Vcpu, entry: u64) -> Result<(), MachineError> {

@@ -8,6 +8,7 @@ mod event_loop;
 mod exit;
 mod layout;
 mod machine;
+mod migrate;
 mod vstate;
 
 use clap::Parser;
@@ -31,13 +32,19 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let result = match cli.command {
-        Command::Run(args) => machine::run(&args),
+    let result: Result<i32, Box<dyn std::error::Error>> = match cli.command {
+        Command::Run(args) => machine::run(&args).map_err(Into::into),
+        Command::Receive(args) => machine::receive(&args).map_err(Into::into),
+        Command::Migrate {
+            api_sock,
+            to,
+            tuning,
+        } => api::migrate_client(&api_sock, &to, &tuning).map_err(Into::into),
         Command::Ctl {
             api_sock,
             cmd,
             args,
-        } => api::client(&api_sock, &cmd, &args),
+        } => api::client(&api_sock, &cmd, &args).map_err(Into::into),
         Command::Guests => {
             for g in guests::all() {
                 println!("{:<10} {}", g.name, g.about);

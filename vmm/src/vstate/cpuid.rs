@@ -84,11 +84,9 @@ pub fn for_vcpu(supported: &CpuId, index: u32, count: u32) -> CpuId {
                     e.edx &= !EDX_HTT;
                 }
             }
-            LEAF_CACHE_PARAMS => {
-                // EAX[31:26] = cores per package - 1; keep the cache description.
-                if e.eax & 0x1f != 0 {
-                    e.eax = (e.eax & 0x03ff_ffff) | ((count.saturating_sub(1)) << 26);
-                }
+            // EAX[31:26] = cores per package - 1; keep the cache description.
+            LEAF_CACHE_PARAMS if e.eax & 0x1f != 0 => {
+                e.eax = (e.eax & 0x03ff_ffff) | ((count.saturating_sub(1)) << 26);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => topology_level(e, index, count),
             _ => {}

@@ -37,6 +37,8 @@ pub struct RamRange {
 /// Guest RAM and the memfd behind it.
 pub struct Ram {
     pub mem: GuestMemory,
+    /// Shared with out-of-process devices (vfio-user DMA maps it).
+    #[allow(dead_code)]
     pub file: Arc<File>,
     pub ranges: Vec<RamRange>,
     pub size: u64,
@@ -44,7 +46,7 @@ pub struct Ram {
 
 impl Ram {
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size < (1 << 20) || size % 4096 != 0 {
+        if size < (1 << 20) || !size.is_multiple_of(4096) {
             return Err(MemoryError::BadSize(size));
         }
         let file = Arc::new(memfd("minivmm-ram")?);

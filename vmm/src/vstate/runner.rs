@@ -200,11 +200,16 @@ impl Vcpus {
         Ok(out)
     }
 
-    /// Stops and joins every vCPU thread.
-    pub fn shutdown(self) {
+    /// Stops and joins every vCPU thread (what dropping does).
+    pub fn shutdown(self) {}
+}
+
+impl Drop for Vcpus {
+    /// Joins every vCPU thread, so no thread or vCPU fd outlives its VM.
+    fn drop(&mut self) {
         self.pause.store(true, Ordering::SeqCst);
         self.kick_all();
-        for h in self.handles {
+        for h in self.handles.drain(..) {
             let _ = h.requests.send(Request::Exit);
             // A running vCPU parks on the pause flag, then reads Exit.
             if h.thread.join().is_err() {

@@ -198,16 +198,14 @@ impl Vcpu {
             reason: format!("{e:?}"),
         })?;
         self.fd.set_cpuid2(&cpuid).map_err(self.err("set CPUID"))?;
-        if let Some(khz) = s.tsc_khz {
-            let here = self.fd.get_tsc_khz().ok();
-            if here != Some(khz) {
-                if let Err(e) = self.fd.set_tsc_khz(khz) {
-                    log::warn!(
-                        "vCPU {}: cannot set TSC to {khz} kHz ({e}); guest time may drift",
-                        self.index
-                    );
-                }
-            }
+        if let Some(khz) = s.tsc_khz
+            && self.fd.get_tsc_khz().ok() != Some(khz)
+            && let Err(e) = self.fd.set_tsc_khz(khz)
+        {
+            log::warn!(
+                "vCPU {}: cannot set TSC to {khz} kHz ({e}); guest time may drift",
+                self.index
+            );
         }
         self.fd
             .set_mp_state(s.mp_state)

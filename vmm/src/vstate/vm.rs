@@ -1,6 +1,8 @@
 //! The KVM VM: in-kernel irqchip and PIT, RAM slots, dirty logging, and the VM-wide state
 //! (clock, PIC, IOAPIC, PIT) that migrates with it.
 
+use std::sync::Arc;
+
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_PIT_SPEAKER_DUMMY, kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2,
@@ -8,9 +10,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::memory::Ram;
+use super::memory::{GuestMemory, Ram};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -32,9 +34,10 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |err| VmError::Kvm { what, err }
 }
 
+/// The VM fd is shared: the migration thread reads dirty logs while vCPUs run.
 pub struct Vm {
     pub kvm: Kvm,
-    pub fd: VmFd,
+    pub fd: Arc<VmFd>,
 }
 
 /// VM-wide KVM state, as plain data.
@@ -73,52 +76,19 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("create PIT"))?;
-        Ok(Vm { kvm, fd })
+        Ok(Vm {
+            kvm,
+            fd: Arc::new(fd),
+        })
     }
 
     pub fn max_vcpus(&self) -> usize {
         self.kvm.get_max_vcpus()
     }
 
-    /// Registers every RAM region as a slot (slot i = region i), with dirty logging on or off.
-    pub fn set_ram_slots(&self, ram: &Ram, log_dirty: bool) -> Result<(), VmError> {
-        let flags = if log_dirty {
-            KVM_MEM_LOG_DIRTY_PAGES
-        } else {
-            0
-        };
-        for (slot, region) in ram.mem.iter().enumerate() {
-            let host = ram
-                .mem
-                .get_host_address(region.start_addr())
-                .map_err(|_| VmError::Kvm {
-                    what: "resolve RAM",
-                    err: kvm_ioctls::Error::new(libc::EFAULT),
-                })?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region stays mapped for the VM's lifetime (Ram outlives Vm's use of it).
-            unsafe { self.fd.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
-        }
-        Ok(())
-    }
-
-    /// KVM's dirty log for a slot since the last call (the call clears it).
-    pub fn dirty_log(&self, slot: u32, len: u64) -> Result<Vec<u64>, VmError> {
-        self.fd
-            .get_dirty_log(slot, len as usize)
-            .map_err(kvm_err("get dirty log"))
-    }
-
-    pub fn irq_line(&self, gsi: u32, level: bool) -> Result<(), VmError> {
-        self.fd
-            .set_irq_line(gsi, level)
-            .map_err(kvm_err("set IRQ line"))
+    /// Registers every RAM region as a slot (slot i = region i), with dirty logging off.
+    pub fn set_ram_slots(&self, ram: &Ram) -> Result<(), VmError> {
+        set_ram_slots(&self.fd, &ram.mem, false)
     }
 
     pub fn save_state(&self) -> Result<VmState, VmError> {
@@ -157,7 +127,30 @@ impl Vm {
     }
 }
 
-/// The first guest address of each RAM slot with its length, in slot order.
-pub fn slot_layout(ram: &Ram) -> Vec<(GuestAddress, u64)> {
-    ram.mem.iter().map(|r| (r.start_addr(), r.len())).collect()
+/// (Re-)registers every RAM region as KVM slot i = region i; re-registering an existing slot
+/// with other flags is how dirty logging is switched on and off for a running guest.
+pub fn set_ram_slots(fd: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<(), VmError> {
+    let flags = if log_dirty {
+        KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
+    };
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| VmError::Kvm {
+                what: "resolve RAM",
+                err: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping belongs to the VM's Ram, which lives as long as the VM.
+        unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
+    }
+    Ok(())
 }

@@ -1,0 +1,112 @@
+//! Live migration glue: drives the `migration` crate's engine with this VMM's KVM dirty log,
+//! vCPU/VM/device state and pause/resume.
+
+pub mod dest;
+pub mod dirty_kvm;
+pub mod populate;
+pub mod snapshot;
+pub mod source;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use migration::stats::MigrationStats;
+
+/// What `--migrate-to`, `minivmm migrate` and the `migrate` request ask for.
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    pub to: String,
+    pub downtime: Duration,
+    pub max_bandwidth: Option<u64>,
+    pub timeout: Duration,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            to: String::new(),
+            downtime: Duration::from_millis(300),
+            max_bandwidth: None,
+            timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The migration as the control API sees it: the statistics so far (status included) and the
+/// latest progress line.
+#[derive(Default)]
+pub struct MigrationInfo {
+    pub stats: MigrationStats,
+    pub progress: String,
+    pub running: bool,
+}
+
+pub type SharedInfo = Arc<Mutex<MigrationInfo>>;
+
+/// How long one side waits for the other before declaring the peer gone.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Any failure of `minivmm receive` or of a migration, for `main`'s one-line error.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error(transparent)]
+    Dest(#[from] dest::DestError),
+    #[error(transparent)]
+    Machine(#[from] crate::machine::MachineError),
+}
+
+pub fn options(to: &str, t: &crate::cli::MigrationTuning) -> MigrateOptions {
+    MigrateOptions {
+        to: to.to_owned(),
+        downtime: Duration::from_millis(t.downtime_ms),
+        max_bandwidth: t.max_bandwidth,
+        timeout: Duration::from_secs(t.timeout),
+    }
+}
+
+/// Runs a migration on its own thread after `delay`; prints the statistics (one JSON line on
+/// stdout) when it ends, and the error (one line on stderr) if it failed.
+pub fn spawn(
+    shared: crate::machine::SharedMachine,
+    opts: MigrateOptions,
+    info: SharedInfo,
+    delay: Duration,
+) {
+    {
+        let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+        i.running = true;
+        i.stats = MigrationStats::default();
+        i.stats.status = migration::stats::Status::Setup;
+    }
+    let run = move || {
+        std::thread::sleep(delay);
+        let exit = shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .exit
+            .clone();
+        let result = source::migrate(&shared, &opts, &info);
+        // The VM must be ownable by the main thread again when it shuts down.
+        drop(shared);
+        match result {
+            Ok(stats) => {
+                println!("{}", stats.to_json());
+                // The guest now runs on the destination: this VM is done.
+                exit.request(0);
+            }
+            Err(e) => {
+                let stats = info.lock().unwrap_or_else(|e| e.into_inner()).stats.clone();
+                println!("{}", stats.to_json());
+                eprintln!("minivmm: migration failed: {e}");
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(run)
+    {
+        eprintln!("minivmm: cannot start the migration thread: {e}");
+    }
+}
