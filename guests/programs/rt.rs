@@ -146,9 +146,10 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     unsafe { memcmp(a, b, n) }
 }
 
-// Exit codes (README "Exit codes").
+// Exit codes, as listed in README.md.
 pub const EXIT_OK: u8 = 0;
-pub const EXIT_USAGE: u8 = 1;
+/// A bad command line, or boot data (zero page, MP table) not as README.md describes.
+pub const EXIT_SETUP: u8 = 1;
 pub const EXIT_PANIC: u8 = 2;
 pub const EXIT_BAD_PAGE: u8 = 3;
 pub const EXIT_SMP_TIMEOUT: u8 = 4;
@@ -371,7 +372,7 @@ pub fn parse_u64(s: &[u8]) -> Option<u64> {
 }
 
 /// `key=<decimal>` from the command line, `default` when absent; prints and exits with
-/// `EXIT_USAGE` when the value is not a number in `min..=max`.
+/// `EXIT_SETUP` when the value is not a number in `min..=max`.
 pub fn arg_u64(cmdline: &[u8], who: &str, key: &str, default: u64, min: u64, max: u64) -> u64 {
     let Some(raw) = arg(cmdline, key) else {
         return default;
@@ -390,7 +391,7 @@ pub fn arg_u64(cmdline: &[u8], who: &str, key: &str, default: u64, min: u64, max
                 .s("..=")
                 .u(max)
                 .s(")");
-            exit(EXIT_USAGE)
+            exit(EXIT_SETUP)
         }
     }
 }

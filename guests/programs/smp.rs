@@ -322,10 +322,10 @@ fn guest_main(boot: rt::Boot) -> ! {
     let tsc_hz = rt::calibrate_tsc(WHO);
     mark_up(apic_id());
 
-    let (n, ids) = mp_processors().unwrap_or_else(|why| fail(rt::EXIT_USAGE, why));
+    let (n, ids) = mp_processors().unwrap_or_else(|why| fail(rt::EXIT_SETUP, why));
     if n as usize > MAX_CPUS {
         fail(
-            rt::EXIT_USAGE,
+            rt::EXIT_SETUP,
             "more CPUs in the MP table than this guest has stacks for",
         );
     }
@@ -340,7 +340,7 @@ fn guest_main(boot: rt::Boot) -> ! {
         let cr3 = read_cr3();
         if cr3 >> 32 != 0 {
             fail(
-                rt::EXIT_USAGE,
+                rt::EXIT_SETUP,
                 "page tables above 4 GiB: APs cannot load them from 32-bit mode",
             );
         }
