@@ -7,6 +7,7 @@ pub mod description;
 pub mod dirty;
 pub mod error;
 pub mod policy;
+pub mod precopy;
 pub mod protocol;
 pub mod ranges;
 pub mod recv;

@@ -78,6 +78,9 @@ impl Convergence {
             return;
         }
         let sample = bytes as f64 / secs;
+        if !sample.is_finite() || sample <= 0.0 {
+            return;
+        }
         let w = self.cfg.ewma_weight.clamp(0.0, 1.0);
         self.bandwidth = Some(match self.bandwidth {
             Some(bw) => w * sample + (1.0 - w) * bw,
@@ -109,10 +112,13 @@ impl Convergence {
         let bytes = remaining.saturating_add(device_bytes);
         let transfer = match (bytes, self.bandwidth) {
             (0, _) => Duration::ZERO,
-            (_, Some(bw)) if bw > 0.0 => Duration::from_secs_f64(bytes as f64 / bw),
+            // A near-zero bandwidth gives an estimate too large for Duration: saturate.
+            (_, Some(bw)) if bw > 0.0 => {
+                Duration::try_from_secs_f64(bytes as f64 / bw).unwrap_or(Duration::MAX)
+            }
             _ => return None,
         };
-        Some(transfer + self.cfg.state_allowance)
+        Some(transfer.saturating_add(self.cfg.state_allowance))
     }
 
     /// The decision after a dirty collection. `devices_acked`: every device's initial
@@ -194,6 +200,18 @@ mod tests {
             ..PolicyConfig::default()
         });
         assert_eq!(c.decide(late, 1 << 30, 0, true), Decision::SwitchOver);
+    }
+
+    #[test]
+    fn tiny_bandwidth_saturates_instead_of_panicking() {
+        let mut c = Convergence::new(PolicyConfig {
+            min_sample_bytes: 0,
+            ..PolicyConfig::default()
+        });
+        c.record_pass(0, Duration::from_secs(1)); // no information: ignored
+        assert_eq!(c.bandwidth(), None);
+        c.record_pass(1, Duration::from_secs(1_000_000_000));
+        assert_eq!(c.estimate_downtime(u64::MAX, u64::MAX), Some(Duration::MAX));
     }
 
     #[test]

@@ -75,9 +75,46 @@ pub fn push_coalesced(list: &mut Vec<MemoryRange>, range: MemoryRange) {
     list.push(range);
 }
 
+/// Union of two lists of ranges, sorted and with overlapping or touching ranges merged.
+pub fn union(a: &[MemoryRange], b: &[MemoryRange]) -> Vec<MemoryRange> {
+    let mut all: Vec<MemoryRange> = a.iter().chain(b).copied().filter(|r| r.len > 0).collect();
+    all.sort_unstable_by_key(|r| r.gpa);
+    let mut out: Vec<MemoryRange> = Vec::with_capacity(all.len());
+    for r in all {
+        let end = r.end().unwrap_or(u64::MAX);
+        match out.last_mut() {
+            Some(last) if r.gpa <= last.gpa + last.len => {
+                last.len = end.max(last.gpa + last.len) - last.gpa;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn union_merges_overlaps_and_neighbours() {
+        let a = [
+            MemoryRange::new(0, 0x2000),
+            MemoryRange::new(0x8000, 0x1000),
+        ];
+        let b = [
+            MemoryRange::new(0x1000, 0x2000),
+            MemoryRange::new(0x9000, 0x1000),
+        ];
+        assert_eq!(
+            union(&a, &b),
+            vec![
+                MemoryRange::new(0, 0x3000),
+                MemoryRange::new(0x8000, 0x2000)
+            ]
+        );
+        assert_eq!(union(&[], &b[..1]), vec![b[0]]);
+    }
 
     #[test]
     fn chunks_cover_the_range_exactly() {

@@ -89,6 +89,20 @@ impl MemoryReceiver {
         }
     }
 
+    /// Receives messages, applying memory ones, until one that is not; returns it.
+    pub fn recv<M, S>(&mut self, mem: &M, ch: &mut Channel<S>) -> Result<Message, MigrationError>
+    where
+        M: GuestMemoryBackend,
+        S: Read + ReadVolatile,
+    {
+        loop {
+            let msg = ch.recv()?;
+            if let Some(other) = self.handle(mem, ch, msg)? {
+                return Ok(other);
+            }
+        }
+    }
+
     fn region_of(&self, range: MemoryRange) -> Result<usize, MigrationError> {
         self.regions
             .iter()

@@ -3,6 +3,7 @@
 
 mod fuzz;
 mod memory;
+mod precopy;
 mod protocol;
 mod session;
 mod throughput;

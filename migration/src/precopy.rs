@@ -1,0 +1,260 @@
+//! The source's pre-copy loop: send everything, then what got dirty, until the policy says
+//! switch over or give up; and the final pass once the VMM has paused the vCPUs.
+//!
+//! The VMM keeps what needs KVM or devices: pausing, reading state, device state machines.
+//! Devices take part through [`DeviceHooks`] (pre-copy chunks, stop-copy size, acks).
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemoryMmap, WriteVolatile};
+
+use crate::MigrationError;
+use crate::dirty::DirtyLog;
+use crate::policy::{Convergence, Decision, PolicyConfig};
+use crate::protocol::{Channel, DevicePhase, Message, ProtocolError, ReturnPath};
+use crate::ranges::{MemoryRange, total_len, union};
+use crate::send::{SendCounters, SendOptions, send_ranges};
+use crate::stats::{MigrationStats, Progress};
+use crate::throttle::Throttle;
+
+/// How passthrough devices join pre-copy. Every method has a no-device default.
+pub trait DeviceHooks {
+    /// Pre-copy chunks ready now, as (device id, bytes); asked once per pass.
+    fn precopy_data(&mut self) -> Result<Vec<(String, Vec<u8>)>, MigrationError> {
+        Ok(Vec::new())
+    }
+
+    /// Stop-copy bytes the devices would still have to send (part of the downtime).
+    fn stop_copy_bytes(&mut self) -> u64 {
+        0
+    }
+
+    /// The destination has loaded `device`'s initial pre-copy data (switchover-ack).
+    fn acked(&mut self, device: &str) {
+        log::debug!("switchover-ack from {device}");
+    }
+
+    /// Whether every device that must be acknowledged before switchover has been.
+    fn all_acked(&self) -> bool {
+        true
+    }
+}
+
+/// For a VM without migratable devices.
+pub struct NoDevices;
+
+impl DeviceHooks for NoDevices {}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrecopyOptions {
+    pub policy: PolicyConfig,
+    pub send: SendOptions,
+    /// `--max-bandwidth` in bytes per second.
+    pub max_bandwidth: Option<u64>,
+}
+
+/// The forward connection and the return path of a source.
+pub struct Link<'a, S> {
+    pub ch: &'a mut Channel<S>,
+    pub rp: &'a ReturnPath,
+}
+
+#[derive(Debug)]
+pub enum PrecopyEnd {
+    /// Pause the vCPUs and call [`final_pass`] with `pending`, the dirty ranges collected
+    /// last and not sent yet.
+    SwitchOver {
+        pending: Vec<MemoryRange>,
+        expected_downtime: Duration,
+    },
+    /// Timed out without converging: stop dirty logging, send Abandon, keep running.
+    GaveUp,
+}
+
+/// Runs pre-copy. Dirty logging must not be started yet: this starts it before the first
+/// pass (so nothing written during that pass is missed); the caller stops it at the end.
+pub fn run_precopy<B, S, H>(
+    mem: &GuestMemoryMmap<B>,
+    dirty: &mut DirtyLog,
+    link: Link<'_, S>,
+    opts: &PrecopyOptions,
+    hooks: &mut H,
+    stats: &mut MigrationStats,
+    progress: impl FnMut(&Progress),
+) -> Result<PrecopyEnd, MigrationError>
+where
+    B: Bitmap,
+    S: Write + WriteVolatile,
+    H: DeviceHooks,
+{
+    dirty.start()?;
+    let mut run = Run {
+        mem,
+        dirty,
+        link,
+        opts,
+        hooks,
+        stats,
+        progress,
+        conv: Convergence::new(opts.policy),
+        throttle: opts.max_bandwidth.map(Throttle::new),
+        start: Instant::now(),
+        collected_at: Instant::now(),
+    };
+    let mut ranges = run.dirty.all_ranges();
+    let mut iteration = 0;
+    loop {
+        run.pass(&ranges, iteration)?;
+        ranges = run.dirty.collect()?;
+        match run.assess(&ranges, iteration) {
+            (Decision::Continue, _) => iteration += 1,
+            (Decision::SwitchOver, expected) => {
+                return Ok(PrecopyEnd::SwitchOver {
+                    pending: ranges,
+                    expected_downtime: expected.unwrap_or_default(),
+                });
+            }
+            (Decision::GiveUp, _) => return Ok(PrecopyEnd::GaveUp),
+        }
+    }
+}
+
+struct Run<'a, 'l, B: Bitmap, S, H, P> {
+    mem: &'a GuestMemoryMmap<B>,
+    dirty: &'a mut DirtyLog,
+    link: Link<'l, S>,
+    opts: &'a PrecopyOptions,
+    hooks: &'a mut H,
+    stats: &'a mut MigrationStats,
+    progress: P,
+    conv: Convergence,
+    throttle: Option<Throttle>,
+    start: Instant,
+    collected_at: Instant,
+}
+
+impl<B, S, H, P> Run<'_, '_, B, S, H, P>
+where
+    B: Bitmap,
+    S: Write + WriteVolatile,
+    H: DeviceHooks,
+    P: FnMut(&Progress),
+{
+    /// Sends `ranges` and the devices' pre-copy data, then reads the return path.
+    fn pass(&mut self, ranges: &[MemoryRange], iteration: u64) -> Result<(), MigrationError> {
+        let sent = Instant::now();
+        let ch = &mut *self.link.ch;
+        let c = send_ranges(
+            self.mem,
+            ranges,
+            ch,
+            &self.opts.send,
+            self.throttle.as_mut(),
+        )?;
+        let device_bytes = send_device_data(ch, self.hooks)?;
+        ch.send(&Message::IterationEnd {
+            iteration,
+            pages: c.normal_pages + c.zero_pages,
+        })?;
+        self.conv
+            .record_pass(c.wire_bytes + device_bytes, sent.elapsed());
+        self.stats.ram.add_pass(&c, false);
+        self.stats.vfio.transferred += device_bytes;
+        drain_return_path(self.link.rp, self.hooks)
+    }
+
+    /// Measures the dirty set just collected and asks the policy what to do.
+    fn assess(&mut self, ranges: &[MemoryRange], iteration: u64) -> (Decision, Option<Duration>) {
+        let pages: u64 = ranges.iter().map(MemoryRange::pages).sum();
+        self.conv.record_dirty(pages, self.collected_at.elapsed());
+        self.collected_at = Instant::now();
+        self.stats.ram.dirty_sync_count += 1;
+        let remaining = total_len(ranges);
+        let stop_copy = self.hooks.stop_copy_bytes();
+        let expected = self.conv.estimate_downtime(remaining, stop_copy);
+        let elapsed = self.start.elapsed();
+        update_stats(self.stats, &self.conv, remaining, expected, elapsed);
+        (self.progress)(&Progress {
+            iteration,
+            transferred: self.stats.ram.transferred + self.stats.vfio.transferred,
+            total_ram: self.stats.ram.total,
+            remaining,
+            bandwidth: self.conv.bandwidth(),
+            dirty_pages_rate: self.conv.dirty_rate(),
+            expected_downtime: expected,
+            elapsed,
+        });
+        let acked = self.hooks.all_acked();
+        let decision = self.conv.decide(elapsed, remaining, stop_copy, acked);
+        (decision, expected)
+    }
+}
+
+fn update_stats(
+    stats: &mut MigrationStats,
+    conv: &Convergence,
+    remaining: u64,
+    expected: Option<Duration>,
+    elapsed: Duration,
+) {
+    stats.ram.remaining = remaining;
+    stats.ram.dirty_pages_rate = conv.dirty_rate() as u64;
+    stats.ram.set_rates(elapsed);
+    stats.expected_downtime = expected.map_or(0, |d| d.as_millis() as u64);
+}
+
+fn send_device_data<S: Write, H: DeviceHooks>(
+    ch: &mut Channel<S>,
+    hooks: &mut H,
+) -> Result<u64, MigrationError> {
+    let mut bytes = 0;
+    for (device, data) in hooks.precopy_data()? {
+        bytes += data.len() as u64;
+        ch.send(&Message::DeviceData {
+            device,
+            phase: DevicePhase::PreCopy,
+            data,
+        })?;
+    }
+    Ok(bytes)
+}
+
+/// Handles what the destination said since the last look: acks go to the hooks, Abandon or
+/// a broken return path end the migration.
+fn drain_return_path<H: DeviceHooks>(rp: &ReturnPath, hooks: &mut H) -> Result<(), MigrationError> {
+    while let Some(msg) = rp.try_recv() {
+        match msg? {
+            Message::DeviceAck { device } => hooks.acked(&device),
+            other => return Err(ProtocolError::unexpected("DeviceAck", other).into()),
+        }
+    }
+    Ok(())
+}
+
+/// With the vCPUs paused: sends `pending` plus everything dirtied since, ending the pass
+/// with `IterationEnd`. Device stop-copy data and state follow, sent by the VMM.
+pub fn final_pass<B, S>(
+    mem: &GuestMemoryMmap<B>,
+    dirty: &mut DirtyLog,
+    ch: &mut Channel<S>,
+    pending: &[MemoryRange],
+    send: &SendOptions,
+    stats: &mut MigrationStats,
+) -> Result<SendCounters, MigrationError>
+where
+    B: Bitmap,
+    S: Write + WriteVolatile,
+{
+    let ranges = union(pending, &dirty.collect()?);
+    let c = send_ranges(mem, &ranges, ch, send, None)?;
+    ch.send(&Message::IterationEnd {
+        iteration: stats.ram.dirty_sync_count,
+        pages: c.normal_pages + c.zero_pages,
+    })?;
+    stats.ram.dirty_sync_count += 1;
+    stats.ram.add_pass(&c, true);
+    stats.ram.remaining = 0;
+    Ok(c)
+}
