@@ -21,13 +21,15 @@ done_already() {
     [ -s "$kernel" ] && [ -s "$initramfs" ]
 }
 
-# Refreshes the package lists once when they are missing or stale (a download 404s).
+# Refreshes the package lists, at most once per run: they may be missing (fresh machine) or
+# stale (a download 404s).
 apt_updated=0
 apt_update() {
-    [ "$apt_updated" = 1 ] && return 1
-    log "apt-get update"
-    apt-get update -qq >&2
-    apt_updated=1
+    if [ "$apt_updated" = 0 ]; then
+        log "apt-get update"
+        apt-get update -qq >&2
+        apt_updated=1
+    fi
 }
 
 # The cloud metapackage depends on the current kernel ABI package, e.g. linux-image-6.1.0-56-cloud-amd64.
@@ -45,7 +47,9 @@ kernel_package() {
 
 download() { # download DIR PKG
     (cd "$1" && apt-get download -q "$2" >&2) && return
-    apt_update && (cd "$1" && apt-get download -q "$2" >&2)
+    [ "$apt_updated" = 0 ] || return 1
+    apt_update
+    (cd "$1" && apt-get download -q "$2" >&2)
 }
 
 extract_kernel() { # extract_kernel WORK PKG
