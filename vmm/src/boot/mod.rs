@@ -137,7 +137,8 @@ pub fn load(mem: &GuestMemory, spec: &BootSpec) -> Result<BootInfo, BootError> {
     let low_end = params::low_ram_end(spec.mem_size);
     let image = spec.kernel.bytes()?;
     let kernel = kernel::load(mem, &image, &spec.kernel.describe(), low_end)?;
-    params::write_cmdline(mem, &spec.cmdline)?;
+    let cmdline_max = params::cmdline_max(kernel.setup_header.as_ref());
+    params::write_cmdline(mem, &spec.cmdline, cmdline_max)?;
     let initramfs = match &spec.initramfs {
         Some(path) => Some(load_initramfs(mem, path, &kernel, low_end)?),
         None => None,

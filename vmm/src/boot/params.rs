@@ -47,12 +47,22 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
+/// Longest command line (without the NUL) that fits our area and that the kernel keeps: a
+/// bzImage states its limit in `cmdline_size` and silently truncates anything longer.
+pub fn cmdline_max(hdr: Option<&setup_header>) -> usize {
+    let ours = CMDLINE_MAX - 1;
+    match hdr.map(|h| h.cmdline_size) {
+        Some(n) if n != 0 => ours.min(n as usize),
+        _ => ours,
+    }
+}
+
 /// Writes the command line verbatim, NUL-terminated, at `CMDLINE_ADDR`.
-pub fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), BootError> {
-    if cmdline.len() >= CMDLINE_MAX {
+pub fn write_cmdline(mem: &GuestMemory, cmdline: &str, max: usize) -> Result<(), BootError> {
+    if cmdline.len() > max {
         return Err(BootError::CmdlineTooLong {
             len: cmdline.len(),
-            max: CMDLINE_MAX - 1,
+            max,
         });
     }
     if cmdline.contains('\0') {
@@ -177,7 +187,7 @@ mod tests {
     #[test]
     fn cmdline_is_written_verbatim() {
         let mem = guest_mem(2 << 20);
-        write_cmdline(&mem, " console=ttyS0  -- x ").unwrap();
+        write_cmdline(&mem, " console=ttyS0  -- x ", 4095).unwrap();
         let mut buf = [0u8; 22];
         mem.read_slice(&mut buf, GuestAddress(CMDLINE_ADDR))
             .unwrap();
@@ -187,8 +197,9 @@ mod tests {
     #[test]
     fn cmdline_limits() {
         let mem = guest_mem(2 << 20);
-        write_cmdline(&mem, &"a".repeat(CMDLINE_MAX - 1)).unwrap();
-        let err = write_cmdline(&mem, &"a".repeat(CMDLINE_MAX)).unwrap_err();
+        let max = cmdline_max(None);
+        write_cmdline(&mem, &"a".repeat(max), max).unwrap();
+        let err = write_cmdline(&mem, &"a".repeat(CMDLINE_MAX), max).unwrap_err();
         assert!(matches!(
             err,
             BootError::CmdlineTooLong {
@@ -197,7 +208,7 @@ mod tests {
             }
         ));
         assert!(matches!(
-            write_cmdline(&mem, "a\0b"),
+            write_cmdline(&mem, "a\0b", max),
             Err(BootError::CmdlineNul)
         ));
     }

@@ -182,6 +182,28 @@ fn real_bzimage_boot_params() {
 }
 
 #[test]
+fn real_bzimage_cmdline_limit() {
+    let Some((kernel, _)) = linux_kit() else {
+        return;
+    };
+    let mem = guest_mem(512 << 20);
+    let mut s = spec(KernelImage::Path(kernel), None, 512 << 20);
+    s.cmdline = "x".repeat(3000);
+    let err = load(&mem, &s).unwrap_err();
+    // Debian's kernels keep 2047 bytes (COMMAND_LINE_SIZE 2048), less than our 4 KiB area.
+    assert!(
+        matches!(
+            err,
+            BootError::CmdlineTooLong {
+                len: 3000,
+                max: 2047
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn real_bzimage_ram_too_small() {
     let Some((_, res, ..)) = real_kit_load(16 << 20) else {
         return;
