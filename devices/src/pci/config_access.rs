@@ -279,7 +279,11 @@ mod tests {
         assert_eq!(u64::from_le_bytes(q) as u32, 0x5678_1234);
         let mut w = [0u8; 2];
         mmio.read(dev1 + 3, &mut w);
-        assert_eq!(w, [0x56, 0x02], "split across a dword: device ID high, COMMAND low");
+        assert_eq!(
+            w,
+            [0x56, 0x02],
+            "split across a dword: device ID high, COMMAND low"
+        );
         mmio.write(dev1 + BAR0 as u64, &0xd800_0000u32.to_le_bytes());
         assert!(mmio.resolve(0xd800_0000).is_some());
         let mut d = [0u8; 4];

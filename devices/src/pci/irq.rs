@@ -57,6 +57,8 @@ pub enum IrqError {
     EventFd(#[source] std::io::Error),
     #[error("vector {0} is out of range")]
     Vector(u16),
+    #[error("level-triggered (resample) irqfds are not available")]
+    NoResample,
 }
 
 /// How MSI/MSI-X vectors reach the guest. The VMM implements it with KVM ([`KvmMsiRouting`]);
@@ -71,7 +73,18 @@ pub trait MsiRouting: Send + Sync {
         routes.iter().try_for_each(|&(g, m)| self.set_route(g, m))
     }
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), IrqError>;
+    /// Detaches an irqfd, with or without a resample fd.
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), IrqError>;
+    /// A level-triggered line (INTx on an IOAPIC pin `gsi`): `fd` asserts it, and KVM signals
+    /// `resample` when the guest EOIs, so the device can re-assert if still pending.
+    fn register_resample_irqfd(
+        &self,
+        _fd: &EventFd,
+        _resample: &EventFd,
+        _gsi: u32,
+    ) -> Result<(), IrqError> {
+        Err(IrqError::NoResample)
+    }
 }
 
 /// The whole GSI routing table. KVM replaces its table on every `KVM_SET_GSI_ROUTING`, so the
@@ -254,6 +267,17 @@ impl MsiRouting for KvmMsiRouting {
     fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), IrqError> {
         self.vm
             .unregister_irqfd(fd, gsi)
+            .map_err(|err| IrqError::Irqfd { gsi, err })
+    }
+
+    fn register_resample_irqfd(
+        &self,
+        fd: &EventFd,
+        resample: &EventFd,
+        gsi: u32,
+    ) -> Result<(), IrqError> {
+        self.vm
+            .register_irqfd_with_resample(fd, resample, gsi)
             .map_err(|err| IrqError::Irqfd { gsi, err })
     }
 }

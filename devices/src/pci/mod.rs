@@ -9,9 +9,14 @@ pub mod host_bridge;
 pub mod irq;
 pub mod msi;
 pub mod msix;
+pub mod vfio;
+pub mod vfio_backend;
+pub mod vfio_interrupts;
 
 #[cfg(test)]
 mod testing;
+#[cfg(test)]
+mod vfio_tests;
 
 pub use bus::{PciBdf, PciRoot, PciRootError, PciWindows};
 pub use config_access::{

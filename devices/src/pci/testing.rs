@@ -1,8 +1,8 @@
 //! Fakes shared by the PCI unit tests: an [`MsiRouting`] that records what KVM would be told,
-//! and a plain PCI function with BARs.
+//! a plain PCI function with BARs, and an in-memory VFIO backend.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use migration::state::{StateError, decode, encode};
 use vmm_sys_util::eventfd::EventFd;
@@ -10,6 +10,11 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::{BarKind, BarRegion, PciConfigState, PciConfiguration, PciHeader};
 use super::device::PciDevice;
 use super::irq::{IrqError, MsiMessage, MsiRouting};
+use super::vfio_backend::{
+    BackendError, DmaRegion, Result as BackendResult, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VfioBackend, VfioDeviceInfo,
+    VfioIrqInfo, VfioRegionInfo,
+};
 
 #[derive(Default)]
 pub struct FakeRouting {
@@ -87,6 +92,17 @@ impl MsiRouting for FakeRouting {
         );
         Ok(())
     }
+
+    fn register_resample_irqfd(
+        &self,
+        _fd: &EventFd,
+        _resample: &EventFd,
+        gsi: u32,
+    ) -> Result<(), IrqError> {
+        let mut s = self.state.lock().unwrap();
+        assert!(s.irqfds.insert(gsi), "irqfd attached twice");
+        Ok(())
+    }
 }
 
 /// A PCI function with declared BARs whose BAR accesses are recorded.
@@ -150,5 +166,141 @@ impl PciDevice for TestDevice {
         self.config
             .restore(&s)
             .map_err(|e| StateError::Decode(e.to_string()))
+    }
+}
+
+/// What a [`FakeBackend`] holds and records; shared with the test through an `Arc`.
+#[derive(Default)]
+pub struct FakeDeviceState {
+    pub flags: u32,
+    pub config: Vec<u8>,
+    /// Region contents by VFIO region index (0-5 BARs, 7 config is `config`).
+    pub regions: BTreeMap<u32, Vec<u8>>,
+    pub irq_counts: BTreeMap<u32, u32>,
+    /// (IRQ index, number of eventfds) of each set, and `None` for a disable.
+    pub irq_log: Vec<(u32, Option<usize>)>,
+    pub unmask_fds: Vec<u32>,
+    pub dma: Vec<(u64, u64)>,
+    pub resets: usize,
+}
+
+pub struct FakeBackend(pub Arc<Mutex<FakeDeviceState>>);
+
+impl FakeBackend {
+    fn st(&self) -> std::sync::MutexGuard<'_, FakeDeviceState> {
+        self.0.lock().unwrap()
+    }
+}
+
+fn slice_at(buf: &[u8], offset: u64, len: usize) -> BackendResult<std::ops::Range<usize>> {
+    let start = offset as usize;
+    (start + len <= buf.len())
+        .then_some(start..start + len)
+        .ok_or_else(|| BackendError::Invalid(format!("access at {offset:#x}+{len}")))
+}
+
+impl VfioBackend for FakeBackend {
+    fn device_info(&mut self) -> BackendResult<VfioDeviceInfo> {
+        Ok(VfioDeviceInfo {
+            flags: self.st().flags,
+            num_regions: 9,
+            num_irqs: 5,
+        })
+    }
+
+    fn region_info(&mut self, index: u32) -> BackendResult<VfioRegionInfo> {
+        let st = self.st();
+        let size = match index {
+            VFIO_PCI_CONFIG_REGION_INDEX => st.config.len(),
+            i => st.regions.get(&i).map_or(0, Vec::len),
+        } as u64;
+        Ok(VfioRegionInfo {
+            flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
+            size,
+            ..Default::default()
+        })
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> BackendResult<()> {
+        let st = self.st();
+        let buf = match index {
+            VFIO_PCI_CONFIG_REGION_INDEX => &st.config,
+            i => st
+                .regions
+                .get(&i)
+                .ok_or(BackendError::Unsupported("region"))?,
+        };
+        data.copy_from_slice(&buf[slice_at(buf, offset, data.len())?]);
+        Ok(())
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> BackendResult<()> {
+        let mut st = self.st();
+        let buf = match index {
+            VFIO_PCI_CONFIG_REGION_INDEX => &mut st.config,
+            i => st
+                .regions
+                .get_mut(&i)
+                .ok_or(BackendError::Unsupported("region"))?,
+        };
+        let r = slice_at(buf, offset, data.len())?;
+        buf[r].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn irq_info(&mut self, index: u32) -> BackendResult<VfioIrqInfo> {
+        Ok(VfioIrqInfo {
+            flags: 0,
+            count: self.st().irq_counts.get(&index).copied().unwrap_or(0),
+        })
+    }
+
+    fn set_irq_eventfds(&mut self, index: u32, fds: &[&EventFd]) -> BackendResult<()> {
+        let mut st = self.st();
+        // vfio-pci refuses a second interrupt type while one is set up.
+        let live: BTreeSet<u32> = st.irq_log.iter().fold(BTreeSet::new(), |mut s, &(i, n)| {
+            match n {
+                Some(_) => s.insert(i),
+                None => s.remove(&i),
+            };
+            s
+        });
+        if live.iter().any(|&i| i != index) {
+            return Err(BackendError::Invalid(format!(
+                "IRQ {index} while {live:?} live"
+            )));
+        }
+        st.irq_log.push((index, Some(fds.len())));
+        Ok(())
+    }
+
+    fn disable_irq(&mut self, index: u32) -> BackendResult<()> {
+        self.st().irq_log.push((index, None));
+        Ok(())
+    }
+
+    fn set_irq_unmask_eventfd(&mut self, index: u32, _fd: &EventFd) -> BackendResult<()> {
+        self.st().unmask_fds.push(index);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> BackendResult<()> {
+        self.st().resets += 1;
+        Ok(())
+    }
+
+    fn dma_map(&mut self, region: &DmaRegion) -> BackendResult<()> {
+        self.st().dma.push((region.iova, region.size));
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> BackendResult<()> {
+        let mut st = self.st();
+        let before = st.dma.len();
+        st.dma.retain(|&r| r != (iova, size));
+        if st.dma.len() == before {
+            return Err(BackendError::Invalid("unmap of unmapped range".into()));
+        }
+        Ok(())
     }
 }

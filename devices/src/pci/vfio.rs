@@ -1,0 +1,474 @@
+//! A PCI function passed through from a VFIO backend. Configuration space is the device's
+//! own, read from its config region, except what the VMM must own: the BARs (their sizes come
+//! from region info; the guest's addresses never reach the device), the ROM BAR (hidden), the
+//! interrupt line and pin, the IO/MEM/bus-master decode bits of COMMAND (also passed on), and
+//! the MSI and MSI-X capability registers (emulated, and passed on so the device sees its own
+//! enable bits). BAR accesses trap here and are forwarded as region reads and writes, except
+//! the MSI-X table and PBA, which are emulated. Extended configuration space reads as zeros.
+
+use std::sync::Arc;
+
+use migration::state::{StateError, decode, encode};
+use serde::{Deserialize, Serialize};
+
+use super::config::{
+    BAR0, BarKind, BarRegion, CAP_ID_MSI, CAP_ID_MSIX, COMMAND, CONFIG_SPACE_SIZE, ConfigError,
+    INTERRUPT_LINE, INTERRUPT_PIN, NUM_BARS, PciConfigState, PciConfiguration, PciHeader, ROM_BAR,
+    capabilities,
+};
+use super::device::PciDevice;
+use super::irq::MsiRouting;
+use super::msi::{MSI_CONTROL, MsiCapability};
+use super::msix::{MSIX_CAP_SIZE, MSIX_CONTROL, MsixCapability};
+use super::vfio_backend::{
+    BackendError, DmaRegion, VFIO_DEVICE_FLAGS_PCI, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_INTX_IRQ_INDEX, VfioBackend, VfioRegionInfo,
+};
+use super::vfio_interrupts::{InterruptError, InterruptState, VfioInterrupts};
+
+/// COMMAND bits the VMM keeps for itself: I/O and memory decode, bus master.
+const COMMAND_EMULATED_BITS: u8 = 0x7;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioPciError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Interrupts(#[from] InterruptError),
+    #[error("configuration space: {0}")]
+    Config(#[from] ConfigError),
+    #[error("not a PCI device (VFIO device flags {0:#x})")]
+    NotPci(u32),
+    #[error("the device has no usable configuration region")]
+    NoConfigRegion,
+    #[error("BAR {bar} region of {size:#x} bytes cannot be a {kind:?} BAR")]
+    BarSize {
+        bar: usize,
+        size: u64,
+        kind: BarKind,
+    },
+}
+
+/// Where a configuration byte's value comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Device,
+    Shadow,
+    Command,
+    Msi(usize),
+    MsixControl(usize),
+}
+
+#[derive(Serialize, Deserialize)]
+struct VfioPciState {
+    config: PciConfigState,
+    interrupts: InterruptState,
+}
+
+pub struct VfioPciDevice {
+    id: String,
+    backend: Box<dyn VfioBackend>,
+    /// The emulated registers (see the module comment); other bytes of it are unused.
+    shadow: PciConfiguration,
+    /// Region info of each BAR, by BAR index.
+    regions: Vec<Option<VfioRegionInfo>>,
+    irqs: VfioInterrupts,
+}
+
+fn header_of(raw: &[u8; CONFIG_SPACE_SIZE], interrupt_pin: u8) -> PciHeader {
+    let u16_at = |o: usize| u16::from_le_bytes([raw[o], raw[o + 1]]);
+    PciHeader {
+        vendor_id: u16_at(0x00),
+        device_id: u16_at(0x02),
+        revision_id: raw[0x08],
+        class: (raw[0x0b], raw[0x0a], raw[0x09]),
+        subsystem_vendor_id: u16_at(0x2c),
+        subsystem_id: u16_at(0x2e),
+        interrupt_pin,
+    }
+}
+
+/// Declares in `shadow` one BAR per non-empty BAR region, typed as the device's own BAR
+/// register says and sized from the region (rounded up to a power of two, as BARs must be).
+fn declare_bars(
+    backend: &mut dyn VfioBackend,
+    raw: &[u8; CONFIG_SPACE_SIZE],
+    shadow: &mut PciConfiguration,
+) -> Result<Vec<Option<VfioRegionInfo>>, VfioPciError> {
+    let mut regions = vec![None; NUM_BARS];
+    let mut i = 0;
+    while i < NUM_BARS {
+        let info = backend.region_info(i as u32)?;
+        let reg = BAR0 + 4 * i;
+        let kind = BarKind::from_register(u32::from_le_bytes([
+            raw[reg],
+            raw[reg + 1],
+            raw[reg + 2],
+            raw[reg + 3],
+        ]));
+        let wide = matches!(kind, BarKind::Mem64 { .. });
+        if info.size > 0 {
+            let size = info.size.checked_next_power_of_two().unwrap_or(0);
+            shadow
+                .add_bar(i, size, kind)
+                .map_err(|_| VfioPciError::BarSize {
+                    bar: i,
+                    size: info.size,
+                    kind,
+                })?;
+            regions[i] = Some(info);
+        }
+        i += if wide { 2 } else { 1 };
+    }
+    Ok(regions)
+}
+
+/// The MSI-X capability, if the device has one whose table and PBA lie inside their BARs.
+fn find_msix(
+    raw: &[u8; CONFIG_SPACE_SIZE],
+    regions: &[Option<VfioRegionInfo>],
+) -> Option<(usize, MsixCapability)> {
+    let (_, off) = capabilities(|o| raw[o])
+        .into_iter()
+        .find(|&(id, _)| id == CAP_ID_MSIX)?;
+    let bytes: [u8; MSIX_CAP_SIZE] = raw.get(off..off + MSIX_CAP_SIZE)?.try_into().ok()?;
+    let cap = MsixCapability::parse(&bytes);
+    let fits = |bar: u8, offset: u32, len: u64| {
+        let size = regions.get(usize::from(bar))?.as_ref()?.size;
+        (u64::from(offset) + len <= size).then_some(())
+    };
+    let ok = fits(cap.table_bar, cap.table_offset, cap.table_len()).and(fits(
+        cap.pba_bar,
+        cap.pba_offset,
+        cap.pba_len(),
+    ));
+    if ok.is_none() {
+        log::warn!("MSI-X table or PBA outside its BAR: MSI-X capability ignored");
+        return None;
+    }
+    Some((off, cap))
+}
+
+fn find_msi(raw: &[u8; CONFIG_SPACE_SIZE]) -> Option<(usize, MsiCapability)> {
+    let (_, off) = capabilities(|o| raw[o])
+        .into_iter()
+        .find(|&(id, _)| id == CAP_ID_MSI)?;
+    let control = u16::from_le_bytes([*raw.get(off + 2)?, *raw.get(off + 3)?]);
+    let cap = MsiCapability::from_control(control);
+    (off + cap.size() <= CONFIG_SPACE_SIZE).then_some((off, cap))
+}
+
+impl VfioPciDevice {
+    /// Opens the function behind `backend`. With `intx_gsi`, a device that has an interrupt
+    /// pin gets its INTx wired to that IOAPIC pin (and the interrupt line register says so);
+    /// without it the pin is hidden and the guest must use MSI or MSI-X.
+    pub fn new(
+        id: impl Into<String>,
+        mut backend: Box<dyn VfioBackend>,
+        routing: Arc<dyn MsiRouting>,
+        intx_gsi: Option<u32>,
+    ) -> Result<Self, VfioPciError> {
+        let info = backend.device_info()?;
+        if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
+            return Err(VfioPciError::NotPci(info.flags));
+        }
+        if info.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX
+            || backend.region_info(VFIO_PCI_CONFIG_REGION_INDEX)?.size < CONFIG_SPACE_SIZE as u64
+        {
+            return Err(VfioPciError::NoConfigRegion);
+        }
+        let mut raw = [0u8; CONFIG_SPACE_SIZE];
+        backend.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut raw)?;
+        let intx_gsi = intx_gsi.filter(|_| raw[INTERRUPT_PIN] != 0);
+        let intx_gsi = match intx_gsi {
+            Some(g) if backend.irq_info(VFIO_PCI_INTX_IRQ_INDEX)?.count > 0 => Some(g),
+            _ => None,
+        };
+        let pin = if intx_gsi.is_some() {
+            raw[INTERRUPT_PIN]
+        } else {
+            0
+        };
+        let mut shadow = PciConfiguration::new(&header_of(&raw, pin));
+        let regions = declare_bars(&mut *backend, &raw, &mut shadow)?;
+        let msix = find_msix(&raw, &regions);
+        let msi = find_msi(&raw);
+        let mut irqs = VfioInterrupts::new(routing, msix, msi);
+        if let Some(gsi) = intx_gsi {
+            irqs.enable_intx(&mut *backend, gsi)?;
+            shadow.set_u8(INTERRUPT_LINE, gsi as u8);
+        }
+        let id = id.into();
+        log::info!(
+            "vfio {id}: {:04x}:{:04x}, {} BARs, MSI-X {}, MSI {}, INTx {intx_gsi:?}",
+            shadow.read_u16(0),
+            shadow.read_u16(2),
+            shadow.bars().len(),
+            msix.is_some(),
+            msi.is_some()
+        );
+        Ok(VfioPciDevice {
+            id,
+            backend,
+            shadow,
+            regions,
+            irqs,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The backend, e.g. for the migration driver.
+    pub fn backend_mut(&mut self) -> &mut dyn VfioBackend {
+        &mut *self.backend
+    }
+
+    /// Makes guest RAM reachable by the device's DMA.
+    pub fn dma_map(&mut self, regions: &[DmaRegion]) -> Result<(), VfioPciError> {
+        for r in regions {
+            self.backend.dma_map(r)?;
+        }
+        Ok(())
+    }
+
+    pub fn dma_unmap(&mut self, regions: &[DmaRegion]) -> Result<(), VfioPciError> {
+        for r in regions {
+            self.backend.dma_unmap(r.iova, r.size)?;
+        }
+        Ok(())
+    }
+
+    /// Region info of BAR `bar` (size, mmap areas and fd), for a VMM that maps BARs directly.
+    pub fn bar_region(&self, bar: usize) -> Option<&VfioRegionInfo> {
+        self.regions.get(bar)?.as_ref()
+    }
+}
+
+// Configuration space.
+impl VfioPciDevice {
+    fn source(&self, o: usize) -> Source {
+        let in_range = |start: usize, len: usize| (start..start + len).contains(&o);
+        if in_range(COMMAND, 2) {
+            return Source::Command;
+        }
+        if in_range(BAR0, 4 * NUM_BARS)
+            || in_range(ROM_BAR, 4)
+            || o == INTERRUPT_LINE
+            || o == INTERRUPT_PIN
+        {
+            return Source::Shadow;
+        }
+        if let Some(m) = &self.irqs.msi {
+            let c = m.cap_offset;
+            if in_range(c + MSI_CONTROL, m.config.capability().size() - MSI_CONTROL) {
+                return Source::Msi(c);
+            }
+        }
+        if let Some(m) = &self.irqs.msix
+            && in_range(m.cap_offset + MSIX_CONTROL, 2)
+        {
+            return Source::MsixControl(m.cap_offset);
+        }
+        Source::Device
+    }
+
+    fn device_config_read(&mut self, offset: usize, data: &mut [u8]) {
+        let r = self
+            .backend
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, data);
+        if let Err(e) = r {
+            log::warn!("vfio {}: config read at {offset:#x}: {e}", self.id);
+            data.fill(0xff);
+        }
+    }
+
+    fn device_config_write(&mut self, offset: usize, data: &[u8]) {
+        let r = self
+            .backend
+            .region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, data);
+        if let Err(e) = r {
+            log::warn!("vfio {}: config write at {offset:#x}: {e}", self.id);
+        }
+    }
+
+    fn emulated_byte(&self, o: usize, device: u8) -> u8 {
+        match self.source(o) {
+            Source::Device => device,
+            Source::Shadow => self.shadow.read_u8(o),
+            Source::Command if o == COMMAND => {
+                (device & !COMMAND_EMULATED_BITS) | (self.shadow.read_u8(o) & COMMAND_EMULATED_BITS)
+            }
+            Source::Command => device,
+            Source::Msi(c) => {
+                let mut b = [0u8];
+                if let Some(m) = &self.irqs.msi {
+                    m.config.read(o - c, &mut b);
+                }
+                b[0]
+            }
+            Source::MsixControl(c) => {
+                let control = self.irqs.msix.as_ref().map_or(0, |m| m.config.control());
+                control.to_le_bytes()[o - c - MSIX_CONTROL]
+            }
+        }
+    }
+
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_SIZE {
+            data.fill(0);
+            return;
+        }
+        let n = data.len().min(CONFIG_SPACE_SIZE - offset);
+        let data = &mut data[..n];
+        let needs_device = (offset..offset + n)
+            .any(|o| matches!(self.source(o), Source::Device | Source::Command));
+        if needs_device {
+            self.device_config_read(offset, data);
+        }
+        for (k, b) in data.iter_mut().enumerate() {
+            *b = self.emulated_byte(offset + k, *b);
+        }
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        let n = data.len().min(CONFIG_SPACE_SIZE.saturating_sub(offset));
+        let mut to_device: Vec<(usize, u8)> = Vec::new();
+        let mut msi: Vec<(usize, u8)> = Vec::new();
+        let mut msix_control = None;
+        for (k, &v) in data[..n].iter().enumerate() {
+            let o = offset + k;
+            match self.source(o) {
+                Source::Shadow => self.shadow.write(o, &[v]),
+                Source::Device => to_device.push((o, v)),
+                Source::Command => {
+                    self.shadow.write(o, &[v]);
+                    to_device.push((o, v));
+                }
+                Source::Msi(c) => {
+                    msi.push((o - c, v));
+                    to_device.push((o, v));
+                }
+                Source::MsixControl(c) => {
+                    let cur = msix_control.unwrap_or_else(|| {
+                        self.irqs.msix.as_ref().map_or(0, |m| m.config.control())
+                    });
+                    let mut b = u16::to_le_bytes(cur);
+                    b[o - c - MSIX_CONTROL] = v;
+                    msix_control = Some(u16::from_le_bytes(b));
+                    to_device.push((o, v));
+                }
+            }
+        }
+        for (start, bytes) in runs(&to_device) {
+            self.device_config_write(start, &bytes);
+        }
+        for (start, bytes) in runs(&msi) {
+            if let Err(e) = self.irqs.write_msi(&mut *self.backend, start, &bytes) {
+                log::error!("vfio {}: MSI update: {e}", self.id);
+            }
+        }
+        if let Some(c) = msix_control
+            && let Err(e) = self.irqs.write_msix_control(&mut *self.backend, c)
+        {
+            log::error!("vfio {}: MSI-X update: {e}", self.id);
+        }
+    }
+}
+
+/// Groups (offset, byte) pairs into runs of consecutive offsets.
+fn runs(bytes: &[(usize, u8)]) -> Vec<(usize, Vec<u8>)> {
+    let mut out: Vec<(usize, Vec<u8>)> = Vec::new();
+    for &(o, v) in bytes {
+        match out.last_mut() {
+            Some((start, run)) if *start + run.len() == o => run.push(v),
+            _ => out.push((o, vec![v])),
+        }
+    }
+    out
+}
+
+// BARs.
+impl VfioPciDevice {
+    /// Whether `offset` of BAR `bar` falls in the MSI-X table (`Some(false)`: table,
+    /// `Some(true)`: PBA), with the offset relative to that structure.
+    fn msix_target(&self, bar: usize, offset: u64) -> Option<(bool, u64)> {
+        let cap = self.irqs.msix.as_ref()?.config.capability();
+        let hit = |b: u8, start: u32, len: u64| {
+            let rel = offset.checked_sub(u64::from(start))?;
+            (usize::from(b) == bar && rel < len).then_some(rel)
+        };
+        if let Some(rel) = hit(cap.table_bar, cap.table_offset, cap.table_len()) {
+            return Some((false, rel));
+        }
+        hit(cap.pba_bar, cap.pba_offset, cap.pba_len()).map(|rel| (true, rel))
+    }
+}
+
+impl PciDevice for VfioPciDevice {
+    fn read_config(&mut self, offset: usize, data: &mut [u8]) {
+        self.config_read(offset, data);
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        self.config_write(offset, data);
+    }
+
+    fn bars(&self) -> Vec<BarRegion> {
+        self.shadow.bars()
+    }
+
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        match (self.msix_target(bar, offset), &self.irqs.msix) {
+            (Some((false, rel)), Some(m)) => m.config.read_table(rel, data),
+            (Some((true, rel)), Some(m)) => m.config.read_pba(rel, data),
+            _ => {
+                if let Err(e) = self.backend.region_read(bar as u32, offset, data) {
+                    log::warn!("vfio {}: BAR {bar} read at {offset:#x}: {e}", self.id);
+                    data.fill(0xff);
+                }
+            }
+        }
+    }
+
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let r = match self.msix_target(bar, offset) {
+            Some((false, rel)) => self
+                .irqs
+                .write_msix_table(&mut *self.backend, rel, data)
+                .map_err(VfioPciError::from),
+            // The PBA is read-only.
+            Some((true, _)) => Ok(()),
+            None => self
+                .backend
+                .region_write(bar as u32, offset, data)
+                .map_err(VfioPciError::from),
+        };
+        if let Err(e) = r {
+            log::warn!("vfio {}: BAR {bar} write at {offset:#x}: {e}", self.id);
+        }
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        encode(&VfioPciState {
+            config: self.shadow.state(),
+            interrupts: self.irqs.state(),
+        })
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        let s: VfioPciState = decode(bytes)?;
+        let id = self.id.clone();
+        let incompatible = |reason: String| StateError::Incompatible { id, reason };
+        if let Err(e) = self.shadow.restore(&s.config) {
+            return Err(incompatible(e.to_string()));
+        }
+        // The device's own decode and bus-master bits follow the guest's, as after a write.
+        let command = self.shadow.read_u16(COMMAND).to_le_bytes();
+        self.device_config_write(COMMAND, &command);
+        self.irqs
+            .restore(&mut *self.backend, &s.interrupts)
+            .map_err(|e| incompatible(e.to_string()))
+    }
+}

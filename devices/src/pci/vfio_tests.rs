@@ -1,0 +1,287 @@
+//! VfioPciDevice over an in-memory fake backend: configuration passthrough and emulation,
+//! BAR trapping, interrupt setup, state, and the device on the root bus.
+
+use std::sync::{Arc, Mutex};
+
+use crate::bus::Bus;
+use crate::pci::bus::{PciBdf, PciRoot, PciWindows};
+use crate::pci::config::{
+    BAR0, CAPABILITIES_POINTER, COMMAND, INTERRUPT_LINE, INTERRUPT_PIN, ROM_BAR, STATUS,
+};
+use crate::pci::device::PciDevice;
+use crate::pci::testing::{FakeBackend, FakeDeviceState, FakeRouting};
+use crate::pci::vfio::{VfioPciDevice, VfioPciError};
+use crate::pci::vfio_backend::{
+    DmaRegion, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+};
+
+const MSIX_CAP: usize = 0x40;
+const MSI_CAP: usize = 0x50;
+const INTX: u32 = VFIO_PCI_INTX_IRQ_INDEX;
+const MSIX: u32 = VFIO_PCI_MSIX_IRQ_INDEX;
+
+fn put32(c: &mut [u8], o: usize, v: u32) {
+    c[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// BAR0 4 KiB mem32, BAR2 16 KiB mem64 holding the MSI-X table (4 vectors) at 0x2000 and
+/// the PBA at 0x3000, BAR4 32 ports; MSI-X then 64-bit MSI with 2 vectors; INTA#.
+fn fake() -> Arc<Mutex<FakeDeviceState>> {
+    let mut c = vec![0u8; 256];
+    put32(&mut c, 0, 0x1041_1af4);
+    put32(&mut c, 8, 0xff00_0001);
+    put32(&mut c, 0x18, 0xc);
+    put32(&mut c, 0x20, 0x1);
+    c[STATUS] = 0x10;
+    c[CAPABILITIES_POINTER] = MSIX_CAP as u8;
+    put32(&mut c, MSIX_CAP, 0x0003_5011);
+    put32(&mut c, MSIX_CAP + 4, 0x2000 | 2);
+    put32(&mut c, MSIX_CAP + 8, 0x3000 | 2);
+    put32(&mut c, MSI_CAP, 0x0082_0005);
+    c[INTERRUPT_PIN] = 1;
+    c[0x60] = 0xaa;
+    let regions = [
+        (0, vec![0; 0x1000]),
+        (2, vec![0; 0x4000]),
+        (4, vec![0; 0x20]),
+    ];
+    let irqs = [(INTX, 1), (VFIO_PCI_MSI_IRQ_INDEX, 2), (MSIX, 4)];
+    Arc::new(Mutex::new(FakeDeviceState {
+        flags: VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET,
+        config: c,
+        regions: regions.into_iter().collect(),
+        irq_counts: irqs.into_iter().collect(),
+        ..Default::default()
+    }))
+}
+
+fn open(st: &Arc<Mutex<FakeDeviceState>>, intx: Option<u32>) -> (VfioPciDevice, Arc<FakeRouting>) {
+    let routing = Arc::new(FakeRouting::default());
+    let backend = Box::new(FakeBackend(st.clone()));
+    let d = VfioPciDevice::new("fake", backend, routing.clone(), intx).unwrap();
+    (d, routing)
+}
+fn rd32(d: &mut VfioPciDevice, o: usize) -> u32 {
+    let mut b = [0u8; 4];
+    d.read_config(o, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn wr(d: &mut VfioPciDevice, o: usize, v: &[u8]) {
+    d.write_config(o, v);
+}
+
+#[test]
+fn config_is_passed_through_except_emulated_parts() {
+    let st = fake();
+    let (mut d, _) = open(&st, None);
+    assert_eq!(rd32(&mut d, 0), 0x1041_1af4);
+    assert_eq!(rd32(&mut d, 0x60) & 0xff, 0xaa);
+    wr(&mut d, 0x61, &[0x55]);
+    assert_eq!(
+        st.lock().unwrap().config[0x61],
+        0x55,
+        "device register written"
+    );
+    // BARs size from region info, and the device never sees guest addresses.
+    for i in 0..6 {
+        wr(&mut d, BAR0 + 4 * i, &[0xff; 4]);
+    }
+    assert_eq!(rd32(&mut d, BAR0), 0xffff_f000);
+    assert_eq!(rd32(&mut d, BAR0 + 8), 0xffff_c00c);
+    assert_eq!(rd32(&mut d, BAR0 + 12), 0xffff_ffff);
+    assert_eq!(rd32(&mut d, BAR0 + 16), 0xffff_ffe1);
+    assert_eq!(rd32(&mut d, ROM_BAR), 0, "ROM hidden");
+    assert_eq!(st.lock().unwrap().config[BAR0..BAR0 + 4], [0; 4]);
+    // COMMAND: passed on, with decode bits also kept here.
+    wr(&mut d, COMMAND, &0x0406u16.to_le_bytes());
+    assert_eq!(
+        st.lock().unwrap().config[COMMAND..COMMAND + 2],
+        [0x06, 0x04]
+    );
+    st.lock().unwrap().config[COMMAND] = 0;
+    assert_eq!(rd32(&mut d, COMMAND) & 0xffff, 0x0406);
+    assert_eq!(
+        rd32(&mut d, INTERRUPT_LINE) >> 8 & 0xff,
+        0,
+        "pin hidden without INTx"
+    );
+    assert_eq!(rd32(&mut d, 0x100), 0, "extended space");
+    assert_eq!(d.bars().len(), 3);
+}
+
+#[test]
+fn bar_accesses_trap_to_the_region() {
+    let st = fake();
+    let (mut d, _) = open(&st, None);
+    d.write_bar(0, 0x10, &[1, 2, 3, 4]);
+    assert_eq!(st.lock().unwrap().regions[&0][0x10..0x14], [1, 2, 3, 4]);
+    st.lock().unwrap().regions.get_mut(&4).unwrap()[3] = 0x77;
+    let mut b = [0u8; 1];
+    d.read_bar(4, 3, &mut b);
+    assert_eq!(b, [0x77]);
+    d.read_bar(0, 0x1000, &mut b);
+    assert_eq!(b, [0xff], "outside the region");
+    // The MSI-X table is emulated, not forwarded.
+    d.write_bar(2, 0x2008, &0x1234u32.to_le_bytes());
+    assert_eq!(st.lock().unwrap().regions[&2][0x2008], 0);
+    let mut w = [0u8; 4];
+    d.read_bar(2, 0x2008, &mut w);
+    assert_eq!(u32::from_le_bytes(w), 0x1234);
+    d.read_bar(2, 0x200c, &mut w);
+    assert_eq!(u32::from_le_bytes(w), 1, "vectors start masked");
+}
+
+fn program_vector(d: &mut VfioPciDevice, v: u64, data: u32) {
+    let e = 0x2000 + 16 * v;
+    d.write_bar(2, e, &0xfee0_0000u32.to_le_bytes());
+    d.write_bar(2, e + 4, &0u32.to_le_bytes());
+    d.write_bar(2, e + 8, &data.to_le_bytes());
+    d.write_bar(2, e + 12, &0u32.to_le_bytes());
+}
+
+#[test]
+fn msix_enable_hands_eventfds_to_the_device() {
+    let st = fake();
+    let (mut d, routing) = open(&st, None);
+    program_vector(&mut d, 1, 0x41);
+    assert!(st.lock().unwrap().irq_log.is_empty());
+    wr(&mut d, MSIX_CAP + 3, &[0x80]);
+    assert_eq!(st.lock().unwrap().irq_log, vec![(MSIX, Some(4))]);
+    assert_eq!(rd32(&mut d, MSIX_CAP) >> 16, 0x8003);
+    assert_eq!(
+        st.lock().unwrap().config[MSIX_CAP + 3],
+        0x80,
+        "device sees enable"
+    );
+    let routes = routing.routes();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes.values().next().unwrap().data, 0x41);
+    program_vector(&mut d, 2, 0x42);
+    assert_eq!(routing.irqfds().len(), 2);
+    // Function mask: nothing routed, but the device keeps its eventfds.
+    wr(&mut d, MSIX_CAP + 3, &[0xc0]);
+    assert!(routing.irqfds().is_empty());
+    wr(&mut d, MSIX_CAP + 2, &0x0000u16.to_le_bytes());
+    assert_eq!(st.lock().unwrap().irq_log.last(), Some(&(MSIX, None)));
+    assert!(routing.routes().is_empty());
+    assert!(routing.state.lock().unwrap().allocated.is_empty());
+}
+
+#[test]
+fn intx_steps_aside_for_msix() {
+    let st = fake();
+    let (mut d, routing) = open(&st, Some(10));
+    assert_eq!(rd32(&mut d, INTERRUPT_LINE) & 0xffff, 0x010a);
+    assert_eq!(st.lock().unwrap().irq_log, vec![(INTX, Some(1))]);
+    assert_eq!(st.lock().unwrap().unmask_fds, vec![INTX]);
+    assert!(routing.irqfds().contains(&10));
+    wr(&mut d, MSIX_CAP + 3, &[0x80]);
+    wr(&mut d, MSIX_CAP + 3, &[0x00]);
+    let log = st.lock().unwrap().irq_log.clone();
+    assert_eq!(
+        log,
+        vec![
+            (INTX, Some(1)),
+            (INTX, None),
+            (MSIX, Some(4)),
+            (MSIX, None),
+            (INTX, Some(1)),
+        ]
+    );
+}
+
+#[test]
+fn msi_enable_uses_the_enabled_vector_count() {
+    let st = fake();
+    let (mut d, routing) = open(&st, None);
+    wr(&mut d, MSI_CAP + 4, &0xfee0_0000u32.to_le_bytes());
+    wr(&mut d, MSI_CAP + 12, &0x50u16.to_le_bytes());
+    // Enable with MME = 1 (2 vectors).
+    wr(&mut d, MSI_CAP + 2, &0x0011u16.to_le_bytes());
+    assert_eq!(
+        st.lock().unwrap().irq_log,
+        vec![(VFIO_PCI_MSI_IRQ_INDEX, Some(2))]
+    );
+    let datas: Vec<u32> = routing.routes().values().map(|m| m.data).collect();
+    assert_eq!(datas, vec![0x50, 0x51]);
+    assert_eq!(rd32(&mut d, MSI_CAP) >> 16, 0x0093);
+}
+
+#[test]
+fn state_moves_to_a_fresh_device() {
+    let st = fake();
+    let (mut d, _) = open(&st, None);
+    wr(&mut d, BAR0, &0xc000_0000u32.to_le_bytes());
+    wr(&mut d, COMMAND, &0x0006u16.to_le_bytes());
+    program_vector(&mut d, 3, 0x63);
+    wr(&mut d, MSIX_CAP + 3, &[0x80]);
+    let blob = d.save_state().unwrap();
+    let st2 = fake();
+    let (mut d2, routing2) = open(&st2, None);
+    d2.restore_state(&blob).unwrap();
+    assert_eq!(rd32(&mut d2, BAR0), 0xc000_0000);
+    assert_eq!(st2.lock().unwrap().config[COMMAND], 0x06);
+    assert_eq!(st2.lock().unwrap().irq_log, vec![(MSIX, Some(4))]);
+    assert_eq!(routing2.routes().values().next().unwrap().data, 0x63);
+}
+
+#[test]
+fn refuses_non_pci_devices() {
+    let st = fake();
+    st.lock().unwrap().flags = 0;
+    let r = VfioPciDevice::new(
+        "x",
+        Box::new(FakeBackend(st)),
+        Arc::new(FakeRouting::default()),
+        None,
+    );
+    assert!(matches!(r, Err(VfioPciError::NotPci(0))));
+}
+
+#[test]
+fn dma_map_and_unmap() {
+    let st = fake();
+    let (mut d, _) = open(&st, None);
+    let mut ram = vec![0u8; 0x2000];
+    // SAFETY: `ram` outlives the fake backend's use of it (the fake only records ranges).
+    let r = unsafe { DmaRegion::new(0, 0x2000, ram.as_mut_ptr(), None) };
+    d.dma_map(std::slice::from_ref(&r)).unwrap();
+    assert_eq!(st.lock().unwrap().dma, vec![(0, 0x2000)]);
+    d.dma_unmap(&[r]).unwrap();
+    assert!(st.lock().unwrap().dma.is_empty());
+}
+
+#[test]
+fn passthrough_bar_on_the_mmio_bus() {
+    let st = fake();
+    let (d, _) = open(&st, None);
+    let mmio = Arc::new(Bus::new());
+    let pio = Arc::new(Bus::new());
+    let windows = PciWindows {
+        mmio32: (0xc000_0000, 0x2000_0000),
+        mmio64: None,
+        io: (0xc000, 0x4000),
+    };
+    let root = PciRoot::new(mmio.clone(), pio.clone(), windows);
+    let slot = root.add_device(Arc::new(Mutex::new(d))).unwrap();
+    let bars = root.mapped_bars(slot);
+    let bar0 = bars.iter().find(|b| b.index == 0).unwrap().addr;
+    assert!(mmio.write(bar0 + 0x20, &[9, 8]));
+    assert_eq!(st.lock().unwrap().regions[&0][0x20..0x22], [9, 8]);
+    let io = bars.iter().find(|b| b.index == 4).unwrap().addr;
+    assert!(pio.write(io + 1, &[5]));
+    assert_eq!(st.lock().unwrap().regions[&4][1], 5);
+    let mut v = [0u8; 4];
+    root.config_read(
+        PciBdf {
+            bus: 0,
+            device: slot,
+            function: 0,
+        },
+        0,
+        &mut v,
+    );
+    assert_eq!(u32::from_le_bytes(v), 0x1041_1af4);
+}
