@@ -5,11 +5,19 @@
 //! that a live migration failed to copy (or copied stale, or to the wrong place) reads back
 //! the wrong value, and the guest says so and exits with code 3. Heartbeats at a fixed
 //! interval show that the guest keeps running (and how long it stalled) across a migration.
-//! README.md documents the command line and the serial lines.
+//! With `cpus=` above 1 the APs start too and every CPU takes its own slice of the pages, so
+//! that all vCPUs are busy dirtying memory; the CPUs meet after each pass and the BSP alone
+//! prints. README.md documents the command line and the serial lines.
 #![no_std]
 #![no_main]
 
+mod ap;
+mod lapic;
+mod mptable;
+mod publish;
 mod rt;
+
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 const WHO: &str = "dirtier";
 const PAGE: u64 = 4096;
@@ -100,6 +108,9 @@ fn value(index: u64, generation: u64) -> u64 {
 /// Heartbeats and rate limiting, both driven by clamped TSC deltas (`rt::Clock`).
 struct Pacer {
     clock: rt::Clock,
+    /// Only the BSP prints heartbeats, so that their sequence stays one strictly increasing
+    /// series whatever the number of CPUs.
+    beats: bool,
     hb_ticks: u64,
     hb_elapsed: u64,
     hb_seq: u64,
@@ -110,10 +121,11 @@ struct Pacer {
 }
 
 impl Pacer {
-    fn new(tsc_hz: u64, hb_ms: u64, rate: u64) -> Pacer {
+    fn new(tsc_hz: u64, hb_ms: u64, rate: u64, beats: bool) -> Pacer {
         let page_ticks = tsc_hz.checked_div(rate).map_or(0, |t| t.max(1));
         Pacer {
             clock: rt::Clock::new(tsc_hz),
+            beats,
             hb_ticks: (tsc_hz * hb_ms / 1000).max(1),
             hb_elapsed: 0,
             hb_seq: 0,
@@ -135,7 +147,7 @@ impl Pacer {
     fn tick(&mut self) {
         let step = self.clock.step();
         self.hb_elapsed += step;
-        if self.hb_elapsed >= self.hb_ticks {
+        if self.beats && self.hb_elapsed >= self.hb_ticks {
             self.heartbeat();
             self.hb_elapsed -= self.hb_ticks;
             if self.hb_elapsed >= self.hb_ticks {
@@ -248,13 +260,29 @@ fn sweep_chunk(sweep: Sweep, two: bool, addr: u64, n: u64, v: u64) -> Option<(u6
     }
 }
 
-/// One sweep over the plan for pass `generation`, in chunks between which time is checked.
-fn sweep(plan: &Plan, sweep: Sweep, generation: u64, words: u64, pacer: &mut Pacer) {
-    let mut index = 0;
+/// The first page of each plan range, in the index space of the whole plan.
+fn range_first(plan: &Plan, r: usize) -> u64 {
+    plan.pages[..r].iter().sum()
+}
+
+/// One sweep over the pages with indices `lo..hi` for pass `generation`, in chunks between
+/// which time is checked.
+fn sweep(
+    plan: &Plan,
+    slice: (u64, u64),
+    sweep: Sweep,
+    job: &Job,
+    generation: u64,
+    pacer: &mut Pacer,
+) {
+    let (lo, hi) = slice;
     for r in 0..plan.len {
-        let mut addr = plan.start[r];
-        let mut left = plan.pages[r];
-        while left > 0 {
+        let first = range_first(plan, r);
+        let mut index = first.max(lo);
+        let end = (first + plan.pages[r]).min(hi);
+        let mut addr = plan.start[r] + (index.saturating_sub(first)) * PAGE;
+        while index < end {
+            let left = end - index;
             let n = if sweep == Sweep::Check {
                 pacer.tick();
                 left.min(CLOCK_EVERY)
@@ -262,23 +290,179 @@ fn sweep(plan: &Plan, sweep: Sweep, generation: u64, words: u64, pacer: &mut Pac
                 pacer.grant(left.min(CLOCK_EVERY))
             };
             if let Some((word, want, got)) =
-                sweep_chunk(sweep, words == 2, addr, n, value(index, generation))
+                sweep_chunk(sweep, job.words == 2, addr, n, value(index, generation))
             {
-                rt::line()
-                    .s("BAD page=")
-                    .u(index + (word - addr) / PAGE)
-                    .s(" addr=")
-                    .x(word)
-                    .s(" want=")
-                    .x(want)
-                    .s(" got=")
-                    .x(got);
-                rt::exit(rt::EXIT_BAD_PAGE);
+                bad(index + (word - addr) / PAGE, word, want, got);
             }
             index += n;
             addr += n * PAGE;
-            left -= n;
         }
+    }
+}
+
+/// Reports the first mismatch of any CPU and ends the guest; a CPU that finds one after
+/// another CPU already did just stops, so that exactly one BAD line appears.
+fn bad(page: u64, word: u64, want: u64, got: u64) -> ! {
+    if FAILED.swap(true, Ordering::SeqCst) {
+        park();
+    }
+    rt::line()
+        .s("BAD page=")
+        .u(page)
+        .s(" addr=")
+        .x(word)
+        .s(" want=")
+        .x(want)
+        .s(" got=")
+        .x(got);
+    rt::exit(rt::EXIT_BAD_PAGE)
+}
+
+fn park() -> ! {
+    loop {
+        rt::halt();
+    }
+}
+
+/// What every CPU works from; fixed before the APs start.
+struct Job {
+    plan: Plan,
+    cpus: u32,
+    words: u64,
+    passes: u64,
+    hb_ms: u64,
+    /// Pages per second for each CPU; 0 = no limit.
+    rate_per_cpu: u64,
+    tsc_hz: u64,
+}
+
+static JOB: publish::Published<Job> = publish::Published::new();
+/// The last pass each CPU has finished (`passes + 1` once it has checked its pages after the
+/// last pass). CPU k is the BSP for k = 0 and the AP with ticket k - 1 otherwise.
+static DONE: [AtomicU64; ap::MAX_CPUS] = [const { AtomicU64::new(0) }; ap::MAX_CPUS];
+static APS_UP: AtomicU32 = AtomicU32::new(0);
+static FAILED: AtomicBool = AtomicBool::new(false);
+
+/// `cpus=`: 1 (the default) runs on the BSP alone and never looks at the MP table; `all` is
+/// every processor the MP table lists; a number N needs at least N listed.
+fn cpu_count(cmd: &[u8]) -> u32 {
+    let want = match rt::arg(cmd, "cpus") {
+        None => return 1,
+        Some(b"all") => None,
+        Some(_) => Some(rt::arg_u64(cmd, WHO, "cpus", 1, 1, ap::MAX_CPUS as u64) as u32),
+    };
+    if want == Some(1) {
+        return 1;
+    }
+    let listed = match mptable::processors() {
+        Ok(p) => p.count,
+        Err(why) => fail(rt::EXIT_SETUP, why),
+    };
+    match want {
+        None => listed.clamp(1, ap::MAX_CPUS as u32),
+        Some(n) if n <= listed => n,
+        Some(_) => fail(rt::EXIT_SETUP, "cpus= is more than the MP table lists"),
+    }
+}
+
+fn fail(code: u8, why: &str) -> ! {
+    rt::line().s(WHO).s(": ").s(why);
+    rt::exit(code)
+}
+
+/// The page indices CPU `cpu` of `cpus` owns: a contiguous slice, so that its hot loop
+/// walks memory in order like the single-CPU one.
+fn slice(total: u64, cpus: u32, cpu: u32) -> (u64, u64) {
+    let share = |k: u32| total * k as u64 / cpus as u64;
+    (share(cpu), share(cpu + 1))
+}
+
+/// Marks pass `generation` done for `cpu` and waits until every CPU has done it, keeping the
+/// clock (and on the BSP the heartbeats) going meanwhile. No CPU gets more than one pass
+/// ahead, so a PASS line means that the whole plan holds that pass's values.
+fn barrier(cpu: u32, cpus: u32, generation: u64, pacer: &mut Pacer) {
+    DONE[cpu as usize].store(generation, Ordering::SeqCst);
+    while DONE[..cpus as usize]
+        .iter()
+        .any(|d| d.load(Ordering::SeqCst) < generation)
+    {
+        pause_a_little();
+        pacer.tick();
+    }
+}
+
+/// The pass loop that every CPU runs on its own slice of the plan.
+fn work(cpu: u32, job: &Job, pacer: &mut Pacer) -> ! {
+    if job.plan.total == 0 && job.passes == 0 {
+        // Nothing to write (share=0): idle CPUs that stay busy, the BSP heartbeating.
+        loop {
+            pause_a_little();
+            pacer.tick();
+        }
+    }
+    let mine = slice(job.plan.total, job.cpus, cpu);
+    let mut generation = 1;
+    loop {
+        let kind = if generation == 1 {
+            Sweep::Write
+        } else {
+            Sweep::CheckWrite
+        };
+        sweep(&job.plan, mine, kind, job, generation, pacer);
+        barrier(cpu, job.cpus, generation, pacer);
+        if cpu == 0 {
+            rt::line()
+                .s("PASS ")
+                .u(generation)
+                .s(" ok pages=")
+                .u(job.plan.total);
+        }
+        if generation == job.passes {
+            sweep(&job.plan, mine, Sweep::Check, job, generation, pacer);
+            barrier(cpu, job.cpus, generation + 1, pacer);
+            if cpu == 0 {
+                rt::line().s("VERIFY ok pages=").u(job.plan.total);
+                rt::exit(rt::EXIT_OK);
+            }
+            park();
+        }
+        generation += 1;
+    }
+}
+
+fn ap_main(ticket: u32) -> ! {
+    let job = JOB.get();
+    let cpu = ticket + 1;
+    if cpu >= job.cpus {
+        // Started by the broadcast SIPI but not asked for (cpus=N below the MP count).
+        park();
+    }
+    APS_UP.fetch_add(1, Ordering::SeqCst);
+    let mut pacer = Pacer::new(job.tsc_hz, job.hb_ms, job.rate_per_cpu, false);
+    work(cpu, job, &mut pacer)
+}
+
+/// Starts the APs and waits (heartbeating) until all that were asked for run; exits 4 if
+/// some do not within 5 s.
+fn start_aps(job: &Job, pacer: &mut Pacer) {
+    ap::start_all(job.tsc_hz).unwrap_or_else(|why| fail(rt::EXIT_SETUP, why));
+    let deadline = job.tsc_hz * 5;
+    let mut clock = rt::Clock::new(job.tsc_hz / 10);
+    let mut waited = 0;
+    while APS_UP.load(Ordering::SeqCst) + 1 < job.cpus {
+        if waited >= deadline {
+            rt::line()
+                .s(WHO)
+                .s(": timeout: ")
+                .u(APS_UP.load(Ordering::SeqCst) as u64 + 1)
+                .s(" of ")
+                .u(job.cpus as u64)
+                .s(" CPUs up");
+            rt::exit(rt::EXIT_SMP_TIMEOUT);
+        }
+        pause_a_little();
+        pacer.tick();
+        waited += clock.step();
     }
 }
 
@@ -289,6 +473,7 @@ fn guest_main(boot: rt::Boot) -> ! {
     let hb_ms = rt::arg_u64(cmd, WHO, "hb_ms", 100, 1, 3_600_000);
     let passes = rt::arg_u64(cmd, WHO, "passes", 0, 0, 1 << 32);
     let words = rt::arg_u64(cmd, WHO, "words", 1, 1, 2);
+    let cpus = cpu_count(cmd);
 
     let plan = Plan::from_e820(&boot, share);
     let tsc_hz = rt::calibrate_tsc(WHO);
@@ -304,6 +489,8 @@ fn guest_main(boot: rt::Boot) -> ! {
         .u(passes)
         .s(" words=")
         .u(words)
+        .s(" cpus=")
+        .u(cpus as u64)
         .s(" ram_mib=")
         .u(plan.ram >> 20)
         .s(" pages=")
@@ -311,35 +498,20 @@ fn guest_main(boot: rt::Boot) -> ! {
         .s(" tsc_khz=")
         .u(tsc_hz / 1000);
 
-    let mut pacer = Pacer::new(tsc_hz, hb_ms, rate);
+    let job = JOB.publish(Job {
+        plan,
+        cpus,
+        words,
+        passes,
+        hb_ms,
+        // Rounded up: together the CPUs write at least `rate` pages per second.
+        rate_per_cpu: rate.div_ceil(cpus as u64),
+        tsc_hz,
+    });
+    let mut pacer = Pacer::new(tsc_hz, hb_ms, job.rate_per_cpu, true);
     pacer.heartbeat();
-
-    if plan.total == 0 && passes == 0 {
-        // Nothing to write (share=0): an idle guest that only heartbeats.
-        loop {
-            rt::pause();
-            pacer.tick();
-        }
+    if cpus > 1 {
+        start_aps(job, &mut pacer);
     }
-
-    let mut generation = 1;
-    loop {
-        let kind = if generation == 1 {
-            Sweep::Write
-        } else {
-            Sweep::CheckWrite
-        };
-        sweep(&plan, kind, generation, words, &mut pacer);
-        rt::line()
-            .s("PASS ")
-            .u(generation)
-            .s(" ok pages=")
-            .u(plan.total);
-        if generation == passes {
-            sweep(&plan, Sweep::Check, generation, words, &mut pacer);
-            rt::line().s("VERIFY ok pages=").u(plan.total);
-            rt::exit(rt::EXIT_OK);
-        }
-        generation += 1;
-    }
+    work(0, job, &mut pacer)
 }
