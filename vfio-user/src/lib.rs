@@ -7,20 +7,26 @@
 
 mod caps;
 mod client;
+mod client_mig;
 mod error;
 mod fdpass;
+mod fsm;
 mod header;
 mod messages;
+mod migmsg;
 mod region;
 mod server;
 mod transport;
+mod v1;
 pub mod vfio;
 mod wire;
 
 pub use caps::{Capabilities, VersionInfo};
 pub use client::{Client, ClientOptions, DEFAULT_TIMEOUT};
+pub use client_mig::MigData;
 pub use error::{CommandName, Error, Result};
 pub use fdpass::{recv_with_fds, send_with_fds};
+pub use fsm::{MigState, is_direct_arc, next_state, path};
 pub use header::{
     Command, HEADER_SIZE, Header, MAX_DATA_XFER_SIZE, MAX_MSG_FDS, MAX_MSG_SIZE, MsgType,
 };
@@ -28,6 +34,13 @@ pub use messages::{
     DeviceInfo, DmaMap, DmaProt, DmaUnmap, IrqInfo, IrqSet, REGION_ACCESS_HEADER_SIZE,
     RegionAccess, RegionInfoRequest, Version,
 };
+pub use migmsg::{
+    DeviceFeature, DmaLoggingReport, DmaLoggingStart, DmaRange, MIG_DATA_HEADER_SIZE, MigDataRead,
+    MigStateData, PrecopyInfo, decode_mig_data, decode_u64, encode_mig_data, encode_u64,
+};
 pub use region::{RegionCap, RegionInfo, SparseArea};
 pub use server::{Request, ServerConn};
 pub use transport::{Message, recv_message, send_message};
+pub use v1::{
+    V1_DATA_OFFSET, V1_DATA_SIZE, V1_DEVICE_STATE, V1_INFO_SIZE, V1_PENDING_BYTES, V1Region,
+};

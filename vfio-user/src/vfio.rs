@@ -44,3 +44,41 @@ pub const VFIO_IRQ_SET_ACTION_TYPE_MASK: u32 =
 /// `VFIO_USER_DMA_MAP` flags.
 pub const VFIO_USER_F_DMA_REGION_READ: u32 = 1 << 0;
 pub const VFIO_USER_F_DMA_REGION_WRITE: u32 = 1 << 1;
+
+/// `VFIO_DEVICE_FEATURE` flags: the low 16 bits are the feature index.
+pub const VFIO_DEVICE_FEATURE_MASK: u32 = 0xffff;
+pub const VFIO_DEVICE_FEATURE_GET: u32 = 1 << 16;
+pub const VFIO_DEVICE_FEATURE_SET: u32 = 1 << 17;
+pub const VFIO_DEVICE_FEATURE_PROBE: u32 = 1 << 18;
+
+/// Feature indices (`<linux/vfio.h>`); vfio-user's table has 1, 2, 6, 7 and 8.
+pub const VFIO_DEVICE_FEATURE_MIGRATION: u32 = 1;
+pub const VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: u32 = 2;
+pub const VFIO_DEVICE_FEATURE_DMA_LOGGING_START: u32 = 6;
+pub const VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP: u32 = 7;
+pub const VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT: u32 = 8;
+/// Not in the vfio-user spec; sampledev and this client carry it with the kernel's layout.
+pub const VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: u32 = 9;
+/// In the kernel a SET-only opt-in; vfio-user has no data_fd to carry the
+/// `VFIO_MIG_GET_PRECOPY_INFO` ioctl, so this crate defines GET on this index to return
+/// `struct vfio_precopy_info` (see [`crate::PrecopyInfo`]).
+pub const VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOV2: u32 = 12;
+
+/// `VFIO_DEVICE_FEATURE_MIGRATION` flags.
+pub const VFIO_MIGRATION_STOP_COPY: u64 = 1 << 0;
+pub const VFIO_MIGRATION_P2P: u64 = 1 << 1;
+pub const VFIO_MIGRATION_PRE_COPY: u64 = 1 << 2;
+
+/// Most ranges one DMA_LOGGING_START may carry (the kernel's PAGE_SIZE / 16 on 4 KiB pages).
+pub const VFIO_DMA_LOGGING_MAX_RANGES: usize = 256;
+
+/// The deprecated v1 migration region, found by its `VFIO_REGION_INFO_CAP_TYPE`.
+pub const VFIO_REGION_TYPE_MIGRATION_DEPRECATED: u32 = 3;
+pub const VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED: u32 = 1;
+
+/// v1 `device_state` bits; 0 is stopped, `SAVING | RESUMING` is the error state.
+pub const VFIO_DEVICE_STATE_V1_STOP: u32 = 0;
+pub const VFIO_DEVICE_STATE_V1_RUNNING: u32 = 1 << 0;
+pub const VFIO_DEVICE_STATE_V1_SAVING: u32 = 1 << 1;
+pub const VFIO_DEVICE_STATE_V1_RESUMING: u32 = 1 << 2;
+pub const VFIO_DEVICE_STATE_V1_MASK: u32 = 0x7;
