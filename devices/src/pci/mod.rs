@@ -12,11 +12,15 @@ pub mod msix;
 pub mod vfio;
 pub mod vfio_backend;
 pub mod vfio_interrupts;
+pub mod vfio_kernel;
+pub mod vfio_user;
 
 #[cfg(test)]
 mod testing;
 #[cfg(test)]
 mod vfio_tests;
+#[cfg(test)]
+mod vfio_user_tests;
 
 pub use bus::{PciBdf, PciRoot, PciRootError, PciWindows};
 pub use config_access::{

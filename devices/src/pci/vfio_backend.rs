@@ -7,7 +7,6 @@
 //! when device migration is implemented.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use vm_memory::bitmap::Bitmap;
@@ -66,10 +65,24 @@ pub struct VfioRegionInfo {
     /// Mappable parts (all of the region when it is mmappable without a sparse capability).
     pub mmap_areas: Vec<MmapArea>,
     /// The file to mmap and the file offset of the region's start, when mmappable.
-    pub mmap_fd: Option<(Arc<OwnedFd>, u64)>,
+    pub mmap_fd: Option<(Arc<File>, u64)>,
 }
 
 impl VfioRegionInfo {
+    /// Mappable areas for a region whose flags and sparse-mmap capability say so: the
+    /// sparse areas if listed, else the whole region.
+    pub fn areas_from(flags: u32, size: u64, sparse: Option<Vec<MmapArea>>) -> Vec<MmapArea> {
+        if flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+            return Vec::new();
+        }
+        let areas = sparse.unwrap_or_else(|| vec![MmapArea { offset: 0, size }]);
+        // A server's or driver's list is trusted no further than the region's bounds.
+        areas
+            .into_iter()
+            .filter(|a| a.size > 0 && a.offset.checked_add(a.size).is_some_and(|e| e <= size))
+            .collect()
+    }
+
     pub fn readable(&self) -> bool {
         self.flags & VFIO_REGION_INFO_FLAG_READ != 0
     }
@@ -87,7 +100,6 @@ pub struct VfioIrqInfo {
 
 /// VFIO v2 device states (`enum vfio_device_mig_state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
 pub enum MigrationState {
     Error = 0,
     Stop = 1,
@@ -97,6 +109,20 @@ pub enum MigrationState {
     RunningP2p = 5,
     PreCopy = 6,
     PreCopyP2p = 7,
+}
+
+impl TryFrom<u32> for MigrationState {
+    type Error = BackendError;
+
+    fn try_from(v: u32) -> Result<Self> {
+        use MigrationState::*;
+        [
+            Error, Stop, Running, StopCopy, Resuming, RunningP2p, PreCopy, PreCopyP2p,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == v)
+        .ok_or_else(|| BackendError::Invalid(format!("device state {v}")))
+    }
 }
 
 /// A range of guest RAM to make reachable by the device's DMA at `iova` (= its guest-physical

@@ -1,0 +1,146 @@
+//! vfio-user backend: the device lives in another process behind a UNIX socket, reached with
+//! the workspace's `vfio_user::Client`. Guest RAM must be file-backed (the VMM's memfd) so the
+//! server can mmap it for DMA; the region fds the server passes make BARs mmappable.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use vfio_user::vfio::{VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD};
+use vfio_user::{Client, DmaProt, IrqSet, RegionCap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::vfio_backend::{
+    BackendError, DmaRegion, MmapArea, Result, VfioBackend, VfioDeviceInfo, VfioIrqInfo,
+    VfioRegionInfo,
+};
+
+pub struct VfioUserBackend {
+    client: Client,
+}
+
+impl VfioUserBackend {
+    /// Connects to the server listening on `socket` and negotiates the protocol.
+    pub fn connect(socket: &Path) -> Result<Self> {
+        Ok(VfioUserBackend {
+            client: Client::connect(socket)?,
+        })
+    }
+
+    pub fn from_client(client: Client) -> Self {
+        VfioUserBackend { client }
+    }
+
+    /// The client, for commands the trait does not cover yet (device migration).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+fn sparse_areas(caps: &[RegionCap]) -> Option<Vec<MmapArea>> {
+    caps.iter().find_map(|c| match c {
+        RegionCap::SparseMmap(areas) => Some(
+            areas
+                .iter()
+                .map(|a| MmapArea {
+                    offset: a.offset,
+                    size: a.size,
+                })
+                .collect(),
+        ),
+        _ => None,
+    })
+}
+
+impl VfioBackend for VfioUserBackend {
+    fn device_info(&mut self) -> Result<VfioDeviceInfo> {
+        let i = self.client.device_info()?;
+        Ok(VfioDeviceInfo {
+            flags: i.flags,
+            num_regions: i.num_regions,
+            num_irqs: i.num_irqs,
+        })
+    }
+
+    fn region_info(&mut self, index: u32) -> Result<VfioRegionInfo> {
+        let info = self.client.region_info(index)?;
+        let mmappable = info.mmappable();
+        let sparse = sparse_areas(&info.caps);
+        let mut areas = VfioRegionInfo::areas_from(info.flags, info.size, sparse);
+        let mmap_fd = match info.fd {
+            Some(fd) if mmappable => Some((Arc::new(File::from(fd)), info.offset)),
+            _ => None,
+        };
+        // Without an fd there is nothing to map, whatever the flags say.
+        if mmap_fd.is_none() {
+            areas.clear();
+        }
+        Ok(VfioRegionInfo {
+            flags: info.flags,
+            size: info.size,
+            mmap_areas: areas,
+            mmap_fd,
+        })
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<()> {
+        Ok(self.client.region_read(index, offset, data)?)
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        Ok(self.client.region_write(index, offset, data)?)
+    }
+
+    fn irq_info(&mut self, index: u32) -> Result<VfioIrqInfo> {
+        let i = self.client.irq_info(index)?;
+        Ok(VfioIrqInfo {
+            flags: i.flags,
+            count: i.count,
+        })
+    }
+
+    fn set_irq_eventfds(&mut self, index: u32, fds: &[&EventFd]) -> Result<()> {
+        if fds.is_empty() {
+            return self.disable_irq(index);
+        }
+        Ok(self.client.set_irq_eventfds(index, 0, fds)?)
+    }
+
+    fn disable_irq(&mut self, index: u32) -> Result<()> {
+        Ok(self.client.disable_irqs(index)?)
+    }
+
+    fn set_irq_unmask_eventfd(&mut self, index: u32, fd: &EventFd) -> Result<()> {
+        let set = IrqSet {
+            flags: VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK,
+            index,
+            start: 0,
+            count: 1,
+            data: Vec::new(),
+        };
+        // SAFETY: `fd` owns its descriptor and outlives this call, which only borrows it.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+        Ok(self.client.set_irqs_raw(&set, &[fd])?)
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        Ok(self.client.reset()?)
+    }
+
+    fn dma_map(&mut self, region: &DmaRegion) -> Result<()> {
+        let Some((file, offset)) = region.file() else {
+            return Err(BackendError::Unsupported(
+                "DMA to anonymous guest RAM over vfio-user (the server needs a file to mmap)",
+            ));
+        };
+        let prot = DmaProt::READ_WRITE;
+        Ok(self
+            .client
+            .dma_map(region.iova, region.size, file.as_fd(), offset, prot)?)
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
+        Ok(self.client.dma_unmap(iova, size)?)
+    }
+}
