@@ -2,9 +2,9 @@
 //! interrupts, reset and DMA mappings. Two implementations: kernel VFIO (`vfio_kernel.rs`) and
 //! vfio-user (`vfio_user.rs`); tests use an in-memory fake.
 //!
-//! Migration (VFIO migration v2: features, device state, data stream, DMA logging) has its
-//! place in the trait as methods with "unsupported" defaults, to be filled by the backends
-//! when device migration is implemented.
+//! VFIO migration v2 (features, device state, data stream, pre-copy info, DMA logging) is part
+//! of the trait with "unsupported" defaults; both real backends pass it through to the device,
+//! and the migration driver (a later issue) drives it.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -38,6 +38,9 @@ pub enum BackendError {
     Io(#[from] std::io::Error),
     #[error("{0} is not supported by this device or backend")]
     Unsupported(&'static str),
+    /// PRE_COPY with nothing to read at the moment (the kernel's ENOMSG); more may come.
+    #[error("no migration data available now")]
+    NoMigrationDataNow,
     #[error("invalid request: {0}")]
     Invalid(String),
 }
@@ -211,9 +214,20 @@ pub trait VfioBackend: Send {
         Err(BackendError::Unsupported("device migration"))
     }
 
-    /// Reads the next chunk of the device's migration stream; 0 means its end.
+    /// Reads the next chunk of the device's migration stream; 0 means its end, and
+    /// [`BackendError::NoMigrationDataNow`] that PRE_COPY has nothing at the moment.
     fn read_migration_data(&mut self, _buf: &mut [u8]) -> Result<usize> {
         Err(BackendError::Unsupported("device migration"))
+    }
+
+    /// PRE_COPY estimates: (initial bytes, dirty bytes) still to read.
+    fn precopy_info(&mut self) -> Result<(u64, u64)> {
+        Err(BackendError::Unsupported("pre-copy info"))
+    }
+
+    /// The device's estimate of its STOP_COPY data size.
+    fn stop_copy_size(&mut self) -> Result<u64> {
+        Err(BackendError::Unsupported("migration data size"))
     }
 
     fn write_migration_data(&mut self, _data: &[u8]) -> Result<()> {
@@ -238,5 +252,18 @@ pub trait VfioBackend: Send {
 
     fn dma_logging_stop(&mut self) -> Result<()> {
         Err(BackendError::Unsupported("DMA logging"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_states_round_trip() {
+        for v in 0..8 {
+            assert_eq!(MigrationState::try_from(v).unwrap() as u32, v);
+        }
+        assert!(MigrationState::try_from(8).is_err());
     }
 }

@@ -8,12 +8,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vfio_user::vfio::{VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD};
-use vfio_user::{Client, DmaProt, IrqSet, RegionCap};
+use vfio_user::{Client, DmaProt, DmaRange, IrqSet, MigData, MigState, RegionCap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vfio_backend::{
-    BackendError, DmaRegion, MmapArea, Result, VfioBackend, VfioDeviceInfo, VfioIrqInfo,
-    VfioRegionInfo,
+    BackendError, DmaRegion, MigrationState, MmapArea, Result, VfioBackend, VfioDeviceInfo,
+    VfioIrqInfo, VfioRegionInfo,
 };
 
 pub struct VfioUserBackend {
@@ -142,5 +142,60 @@ impl VfioBackend for VfioUserBackend {
 
     fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
         Ok(self.client.dma_unmap(iova, size)?)
+    }
+
+    fn migration_features(&mut self) -> Result<Option<u64>> {
+        Ok(self.client.migration_features()?)
+    }
+
+    fn set_migration_state(&mut self, state: MigrationState) -> Result<()> {
+        let s = MigState::from_u32(state as u32)
+            .ok_or_else(|| BackendError::Invalid(format!("{state:?}")))?;
+        Ok(self.client.set_mig_state(s)?)
+    }
+
+    fn migration_state(&mut self) -> Result<MigrationState> {
+        MigrationState::try_from(self.client.get_mig_state()? as u32)
+    }
+
+    fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize> {
+        match self.client.mig_data_read(buf.len())? {
+            MigData::Bytes(b) => {
+                let n = b.len().min(buf.len());
+                buf[..n].copy_from_slice(&b[..n]);
+                Ok(n)
+            }
+            MigData::End => Ok(0),
+            MigData::NotNow => Err(BackendError::NoMigrationDataNow),
+        }
+    }
+
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<()> {
+        Ok(self.client.mig_data_write(data)?)
+    }
+
+    fn precopy_info(&mut self) -> Result<(u64, u64)> {
+        let p = self.client.precopy_info()?;
+        Ok((p.initial_bytes, p.dirty_bytes))
+    }
+
+    fn stop_copy_size(&mut self) -> Result<u64> {
+        Ok(self.client.mig_data_size()?)
+    }
+
+    fn dma_logging_start(&mut self, page_size: u64, ranges: &[(u64, u64)]) -> Result<u64> {
+        let ranges: Vec<_> = ranges
+            .iter()
+            .map(|&(iova, length)| DmaRange { iova, length })
+            .collect();
+        Ok(self.client.dma_logging_start(page_size, &ranges)?)
+    }
+
+    fn dma_logging_report(&mut self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>> {
+        Ok(self.client.dma_logging_report(iova, length, page_size)?)
+    }
+
+    fn dma_logging_stop(&mut self) -> Result<()> {
+        Ok(self.client.dma_logging_stop()?)
     }
 }
