@@ -3,6 +3,12 @@
 //! The images are built from `programs/*.rs` by `build.rs`; README.md describes the boot
 //! contract they expect and the serial protocol they speak.
 
+#[cfg(test)]
+#[path = "../programs/sdpattern.rs"]
+mod sdpattern;
+#[cfg(test)]
+mod sdpattern_tests;
+
 /// One embedded guest program.
 #[derive(Debug)]
 pub struct Guest {
