@@ -12,6 +12,7 @@
 #![no_main]
 
 mod ap;
+mod heartbeat;
 mod lapic;
 mod mptable;
 mod publish;
@@ -108,12 +109,9 @@ fn value(index: u64, generation: u64) -> u64 {
 /// Heartbeats and rate limiting, both driven by clamped TSC deltas (`rt::Clock`).
 struct Pacer {
     clock: rt::Clock,
-    /// Only the BSP prints heartbeats, so that their sequence stays one strictly increasing
+    /// Only the BSP has one, so that the heartbeat sequence stays one strictly increasing
     /// series whatever the number of CPUs.
-    beats: bool,
-    hb_ticks: u64,
-    hb_elapsed: u64,
-    hb_seq: u64,
+    heartbeat: Option<heartbeat::Heartbeat>,
     /// TSC ticks per page written; 0 = no limit.
     page_ticks: u64,
     credit: u64,
@@ -125,10 +123,7 @@ impl Pacer {
         let page_ticks = tsc_hz.checked_div(rate).map_or(0, |t| t.max(1));
         Pacer {
             clock: rt::Clock::new(tsc_hz),
-            beats,
-            hb_ticks: (tsc_hz * hb_ms / 1000).max(1),
-            hb_elapsed: 0,
-            hb_seq: 0,
+            heartbeat: beats.then(|| heartbeat::Heartbeat::new(tsc_hz, hb_ms)),
             page_ticks,
             // At most 10 ms (or one page) of saved-up writes: after a stall the guest resumes
             // at its rate instead of bursting to catch up.
@@ -138,21 +133,16 @@ impl Pacer {
     }
 
     fn heartbeat(&mut self) {
-        rt::line().s("HB ").u(self.hb_seq);
-        self.hb_seq += 1;
+        if let Some(hb) = &mut self.heartbeat {
+            hb.beat();
+        }
     }
 
-    /// Advances time; prints at most one heartbeat per call so that a stall (or a TSC jump
-    /// that the clamp let through) gives one late heartbeat, never a burst.
+    /// Advances time: heartbeats and rate credit.
     fn tick(&mut self) {
         let step = self.clock.step();
-        self.hb_elapsed += step;
-        if self.beats && self.hb_elapsed >= self.hb_ticks {
-            self.heartbeat();
-            self.hb_elapsed -= self.hb_ticks;
-            if self.hb_elapsed >= self.hb_ticks {
-                self.hb_elapsed = 0;
-            }
+        if let Some(hb) = &mut self.heartbeat {
+            hb.advance(step);
         }
         if self.page_ticks != 0 {
             self.credit = (self.credit + step).min(self.credit_cap);
