@@ -1,6 +1,7 @@
 //! PCI: configuration space, the root bus with its 0xCF8/0xCFC and ECAM access paths, MSI and
 //! MSI-X emulation wired to KVM, and the VFIO passthrough device on a backend trait.
 
+pub mod bar_mmap;
 pub mod bus;
 pub mod config;
 pub mod config_access;

@@ -7,13 +7,14 @@ use std::sync::{Arc, Mutex};
 use migration::state::{StateError, decode, encode};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::bar_mmap::{BarMapError, BarMemoryMapper};
 use super::config::{BarKind, BarRegion, PciConfigState, PciConfiguration, PciHeader};
 use super::device::PciDevice;
 use super::irq::{IrqError, MsiMessage, MsiRouting};
 use super::vfio_backend::{
     BackendError, DmaRegion, Result as BackendResult, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE, VfioBackend, VfioDeviceInfo,
-    VfioIrqInfo, VfioRegionInfo,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VfioBackend, VfioDeviceInfo, VfioIrqInfo, VfioRegionInfo,
 };
 
 #[derive(Default)]
@@ -182,6 +183,8 @@ pub struct FakeDeviceState {
     pub unmask_fds: Vec<u32>,
     pub dma: Vec<(u64, u64)>,
     pub resets: usize,
+    /// When set, BAR regions are mmappable whole, from this file at offset `index << 20`.
+    pub mmap_file: Option<Arc<std::fs::File>>,
 }
 
 pub struct FakeBackend(pub Arc<Mutex<FakeDeviceState>>);
@@ -214,10 +217,19 @@ impl VfioBackend for FakeBackend {
             VFIO_PCI_CONFIG_REGION_INDEX => st.config.len(),
             i => st.regions.get(&i).map_or(0, Vec::len),
         } as u64;
+        let mut flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+        let mmap_fd = match &st.mmap_file {
+            Some(f) if index < 6 && size > 0 => {
+                flags |= VFIO_REGION_INFO_FLAG_MMAP;
+                Some((f.clone(), u64::from(index) << 20))
+            }
+            _ => None,
+        };
         Ok(VfioRegionInfo {
-            flags: VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE,
+            flags,
             size,
-            ..Default::default()
+            mmap_areas: VfioRegionInfo::areas_from(flags, size, None),
+            mmap_fd,
         })
     }
 
@@ -302,5 +314,35 @@ impl VfioBackend for FakeBackend {
             return Err(BackendError::Invalid("unmap of unmapped range".into()));
         }
         Ok(())
+    }
+}
+
+/// A [`BarMemoryMapper`] that records what would be mapped: handle -> (gpa, size, file offset).
+#[derive(Default)]
+pub struct FakeMapper {
+    pub maps: Mutex<BTreeMap<u64, (u64, u64, u64)>>,
+    next: Mutex<u64>,
+}
+
+impl BarMemoryMapper for FakeMapper {
+    fn map(
+        &self,
+        gpa: u64,
+        size: u64,
+        _file: &std::fs::File,
+        file_offset: u64,
+        _writable: bool,
+    ) -> Result<u64, BarMapError> {
+        let mut n = self.next.lock().unwrap();
+        *n += 1;
+        self.maps
+            .lock()
+            .unwrap()
+            .insert(*n, (gpa, size, file_offset));
+        Ok(*n)
+    }
+
+    fn unmap(&self, handle: u64) {
+        assert!(self.maps.lock().unwrap().remove(&handle).is_some());
     }
 }

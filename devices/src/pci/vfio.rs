@@ -6,11 +6,13 @@
 //! enable bits). BAR accesses trap here and are forwarded as region reads and writes, except
 //! the MSI-X table and PBA, which are emulated. Extended configuration space reads as zeros.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use migration::state::{StateError, decode, encode};
 use serde::{Deserialize, Serialize};
 
+use super::bar_mmap::{BarMemoryMapper, mappable_ranges};
 use super::config::{
     BAR0, BarKind, BarRegion, CAP_ID_MSI, CAP_ID_MSIX, COMMAND, CONFIG_SPACE_SIZE, ConfigError,
     INTERRUPT_LINE, INTERRUPT_PIN, NUM_BARS, PciConfigState, PciConfiguration, PciHeader, ROM_BAR,
@@ -73,6 +75,9 @@ pub struct VfioPciDevice {
     /// Region info of each BAR, by BAR index.
     regions: Vec<Option<VfioRegionInfo>>,
     irqs: VfioInterrupts,
+    mapper: Option<Arc<dyn BarMemoryMapper>>,
+    /// Handles of the BAR memory mapped into the guest, by BAR index.
+    bar_maps: BTreeMap<usize, Vec<u64>>,
 }
 
 fn header_of(raw: &[u8; CONFIG_SPACE_SIZE], interrupt_pin: u8) -> PciHeader {
@@ -213,6 +218,8 @@ impl VfioPciDevice {
             shadow,
             regions,
             irqs,
+            mapper: None,
+            bar_maps: BTreeMap::new(),
         })
     }
 
@@ -240,9 +247,61 @@ impl VfioPciDevice {
         Ok(())
     }
 
-    /// Region info of BAR `bar` (size, mmap areas and fd), for a VMM that maps BARs directly.
+    /// Region info of BAR `bar` (size, mmap areas and fd).
     pub fn bar_region(&self, bar: usize) -> Option<&VfioRegionInfo> {
         self.regions.get(bar)?.as_ref()
+    }
+
+    /// Enables the mmap fast path: from now on, mappable BAR memory is installed in the guest
+    /// through `mapper` wherever the root places the BAR (set it before adding the device).
+    pub fn set_bar_mapper(&mut self, mapper: Arc<dyn BarMemoryMapper>) {
+        self.mapper = Some(mapper);
+    }
+
+    fn unmap_bar(&mut self, bar: usize) {
+        if let (Some(m), Some(handles)) = (&self.mapper, self.bar_maps.remove(&bar)) {
+            handles.into_iter().for_each(|h| m.unmap(h));
+        }
+    }
+
+    /// Maps what can be mapped of BAR `bar` at `addr`: the region's mmap areas less the
+    /// pages of the emulated MSI-X table and PBA.
+    fn map_bar(&mut self, bar: usize, addr: u64) {
+        let (Some(mapper), Some(Some(region))) = (&self.mapper, self.regions.get(bar)) else {
+            return;
+        };
+        let Some((file, file_offset)) = &region.mmap_fd else {
+            return;
+        };
+        // Port I/O cannot be backed by memory.
+        if self.shadow.bar(bar).is_none_or(|b| b.kind.is_io()) {
+            return;
+        }
+        let mut holes = Vec::new();
+        if let Some(m) = &self.irqs.msix {
+            let c = m.config.capability();
+            if usize::from(c.table_bar) == bar {
+                holes.push((u64::from(c.table_offset), c.table_len()));
+            }
+            if usize::from(c.pba_bar) == bar {
+                holes.push((u64::from(c.pba_offset), c.pba_len()));
+            }
+        }
+        let mut handles = Vec::new();
+        for (off, size) in mappable_ranges(&region.mmap_areas, &holes) {
+            match mapper.map(addr + off, size, file, file_offset + off, region.writable()) {
+                Ok(h) => handles.push(h),
+                Err(e) => log::warn!("vfio {}: BAR {bar} +{off:#x} stays trapped: {e}", self.id),
+            }
+        }
+        self.bar_maps.insert(bar, handles);
+    }
+}
+
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        let bars: Vec<usize> = self.bar_maps.keys().copied().collect();
+        bars.into_iter().for_each(|b| self.unmap_bar(b));
     }
 }
 
@@ -417,6 +476,13 @@ impl PciDevice for VfioPciDevice {
 
     fn bars(&self) -> Vec<BarRegion> {
         self.shadow.bars()
+    }
+
+    fn bar_mapped(&mut self, bar: usize, addr: Option<u64>) {
+        self.unmap_bar(bar);
+        if let Some(a) = addr {
+            self.map_bar(bar, a);
+        }
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

@@ -9,7 +9,7 @@ use crate::pci::config::{
     BAR0, CAPABILITIES_POINTER, COMMAND, INTERRUPT_LINE, INTERRUPT_PIN, ROM_BAR, STATUS,
 };
 use crate::pci::device::PciDevice;
-use crate::pci::testing::{FakeBackend, FakeDeviceState, FakeRouting};
+use crate::pci::testing::{FakeBackend, FakeDeviceState, FakeMapper, FakeRouting};
 use crate::pci::vfio::{VfioPciDevice, VfioPciError};
 use crate::pci::vfio_backend::{
     DmaRegion, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_INTX_IRQ_INDEX,
@@ -284,4 +284,57 @@ fn passthrough_bar_on_the_mmio_bus() {
         &mut v,
     );
     assert_eq!(u32::from_le_bytes(v), 0x1041_1af4);
+}
+
+#[test]
+fn mappable_bar_memory_follows_the_bar() {
+    let st = fake();
+    st.lock().unwrap().mmap_file = Some(Arc::new(
+        vmm_sys_util::tempfile::TempFile::new()
+            .unwrap()
+            .as_file()
+            .try_clone()
+            .unwrap(),
+    ));
+    let (mut d, _) = open(&st, None);
+    let mapper = Arc::new(FakeMapper::default());
+    d.set_bar_mapper(mapper.clone());
+    let dev = Arc::new(Mutex::new(d));
+    let root = PciRoot::new(
+        Arc::new(Bus::new()),
+        Arc::new(Bus::new()),
+        PciWindows {
+            mmio32: (0xc000_0000, 0x2000_0000),
+            mmio64: None,
+            io: (0xc000, 0x4000),
+        },
+    );
+    let slot = root.add_device(dev.clone()).unwrap();
+    let bars = root.mapped_bars(slot);
+    let addr = |i| bars.iter().find(|b| b.index == i).unwrap().addr;
+    let mut maps: Vec<_> = mapper.maps.lock().unwrap().values().copied().collect();
+    maps.sort();
+    // BAR0 whole; BAR2 up to its MSI-X table page (table and PBA pages stay trapped); no
+    // mapping for the I/O BAR.
+    let mut want = vec![(addr(0), 0x1000, 0), (addr(2), 0x2000, 2 << 20)];
+    want.sort();
+    assert_eq!(maps, want);
+    let bdf = PciBdf {
+        bus: 0,
+        device: slot,
+        function: 0,
+    };
+    root.config_write(bdf, BAR0, &0xd000_0000u32.to_le_bytes());
+    assert!(
+        mapper
+            .maps
+            .lock()
+            .unwrap()
+            .values()
+            .any(|m| m.0 == 0xd000_0000)
+    );
+    assert!(!mapper.maps.lock().unwrap().values().any(|m| m.0 == addr(0)));
+    drop(root);
+    drop(dev);
+    assert!(mapper.maps.lock().unwrap().is_empty(), "unmapped on drop");
 }
