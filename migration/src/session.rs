@@ -127,6 +127,6 @@ pub fn abandon<S: Write>(ch: &mut Channel<S>, reason: &str) {
         .take(crate::protocol::MAX_TEXT_LEN / 4)
         .collect();
     if let Err(e) = ch.send(&Message::Abandon { reason }) {
-        log::warn!("could not send Abandon: {e}");
+        log::debug!("could not send Abandon: {e}");
     }
 }

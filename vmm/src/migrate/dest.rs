@@ -12,6 +12,7 @@ use migration::session::{abandon, dest_confirm, dest_handshake, dest_ready};
 use migration::stats::{MigrationStats, Status};
 
 use super::PEER_TIMEOUT;
+use super::fault;
 use super::populate::Prefault;
 use super::snapshot::{self, Snapshot, SnapshotError};
 use crate::machine::{Machine, MachineError};
@@ -43,6 +44,7 @@ pub fn accept(listen: &str) -> Result<TcpStream, DestError> {
     log::info!("waiting for a migration on {listen}");
     let (stream, peer) = listener.accept()?;
     log::info!("migration from {peer}");
+    fault::crash_point("accept");
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(PEER_TIMEOUT))?;
     stream.set_write_timeout(Some(PEER_TIMEOUT))?;
@@ -64,6 +66,7 @@ pub fn receive(
         Ok(())
     };
     let (desc, _) = dest_handshake(&mut ch, 0, check)?;
+    fault::crash_point("description");
     let mut m = built.ok_or_else(|| ProtocolError::Refused("VM not built".into()))?;
     let mut stats = MigrationStats::new(desc.ram_bytes());
     stats.setup_time = start.elapsed().as_millis() as u64;
@@ -110,8 +113,14 @@ fn load(
         ..Default::default()
     };
     let mut seen = vec![false; m.vcpus.count()];
+    let mut first_memory = true;
     loop {
         let msg = ch.recv()?;
+        if first_memory && matches!(msg, Message::MemoryPages { .. }) {
+            first_memory = false;
+            fault::crash_point("memory");
+            fault::corrupt_point("memory", ch.get_mut());
+        }
         match rx.handle(&m.ram.mem, ch, msg)? {
             None => {}
             Some(Message::IterationEnd { iteration, .. }) => {
@@ -127,7 +136,10 @@ fn load(
             }
             Some(Message::VmState { data }) => snap.vm = data,
             Some(Message::DeviceState { device, data }) => snap.devices.push((device, data)),
-            Some(Message::Complete) => break,
+            Some(Message::Complete) => {
+                fault::crash_point("complete");
+                break;
+            }
             Some(Message::Abandon { reason }) => return Err(DestError::Abandoned(reason)),
             Some(other) => return Err(ProtocolError::unexpected("memory or state", other).into()),
         }
@@ -157,7 +169,9 @@ fn resume(
     m: &mut Machine,
     mut timings: DestTimings,
 ) -> Result<(), DestError> {
+    fault::corrupt_point("ready", ch.get_mut());
     dest_ready(ch)?;
+    fault::crash_point("go");
     let t = Instant::now();
     m.vcpus.resume().map_err(MachineError::from)?;
     timings.resume_us = t.elapsed().as_micros() as u64;

@@ -3,6 +3,7 @@
 
 pub mod dest;
 pub mod dirty_kvm;
+pub mod fault;
 pub mod populate;
 pub mod snapshot;
 pub mod source;
@@ -10,7 +11,7 @@ pub mod source;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use migration::stats::MigrationStats;
+use migration::stats::{MigrationStats, Status};
 
 /// What `--migrate-to`, `minivmm migrate` and the `migrate` request ask for.
 #[derive(Clone, Debug)]
@@ -78,7 +79,7 @@ pub fn spawn(
         let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
         i.running = true;
         i.stats = MigrationStats::default();
-        i.stats.status = migration::stats::Status::Setup;
+        i.stats.status = Status::Setup;
     }
     let run = move || {
         std::thread::sleep(delay);
@@ -97,7 +98,16 @@ pub fn spawn(
                 exit.request(0);
             }
             Err(e) => {
-                let stats = info.lock().unwrap_or_else(|e| e.into_inner()).stats.clone();
+                // Early failures (connect, handshake) end before the engine reports.
+                let stats = {
+                    let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+                    i.running = false;
+                    if !matches!(i.stats.status, Status::Failed | Status::Cancelled) {
+                        i.stats.status = Status::Failed;
+                    }
+                    i.stats.error_desc.get_or_insert_with(|| e.to_string());
+                    i.stats.clone()
+                };
                 println!("{}", stats.to_json());
                 eprintln!("minivmm: migration failed: {e}");
             }

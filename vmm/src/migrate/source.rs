@@ -198,6 +198,7 @@ impl Run<'_> {
             )?;
             conv.record_pass(sent.wire_bytes, t.elapsed());
             self.stats.ram.add_pass(&sent, false);
+            super::fault::corrupt_point("precopy", self.ch.get_mut());
             self.ch.send(&Message::IterationEnd {
                 iteration,
                 pages: sent.normal_pages + sent.zero_pages,

@@ -43,16 +43,26 @@ pub struct Vm {
 
 impl Vm {
     pub fn spawn(args: &[&str]) -> Vm {
+        Self::spawn_env(args, &[])
+    }
+
+    /// Spawns with extra environment variables (fault injection); stdout and stderr go to
+    /// files in the VM's directory.
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Vm {
         let dir = tempfile::tempdir().expect("tempdir");
         let serial = dir.path().join("serial.log");
         let api = dir.path().join("api.sock");
+        let out = std::fs::File::create(dir.path().join("stdout")).expect("stdout file");
+        let err = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
         let child = minivmm()
             .args(args)
             .arg("--serial")
             .arg(format!("file:{}", serial.display()))
             .arg("--api-sock")
             .arg(&api)
-            .stdout(Stdio::null())
+            .envs(env.iter().copied())
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .expect("spawn minivmm");
         Vm {
@@ -61,6 +71,24 @@ impl Vm {
             api,
             dir,
         }
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Threads and open fds of the process, to check that a failed migration leaks neither.
+    pub fn threads_and_fds(&self) -> (usize, usize) {
+        let count = |d: &str| {
+            std::fs::read_dir(format!("/proc/{}/{d}", self.child.id()))
+                .map(|r| r.count())
+                .unwrap_or(0)
+        };
+        (count("task"), count("fd"))
     }
 
     pub fn lines(&self) -> Vec<String> {

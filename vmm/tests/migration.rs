@@ -1,0 +1,346 @@
+//! Live migration acceptance: real minivmm processes, real TCP, the guest verifying itself.
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+/// A destination waiting on `addr`.
+fn destination(addr: &str, env: &[(&str, &str)]) -> Vm {
+    let d = Vm::spawn_env(&["receive", "--listen", addr], env);
+    wait_listening(addr);
+    d
+}
+
+fn wait_listening(addr: &str) {
+    let start = Instant::now();
+    // A probe connection would be taken as the migration; watch the listen table instead.
+    let port = addr.rsplit(':').next().unwrap();
+    let hex = format!(":{:04X} ", port.parse::<u16>().unwrap());
+    while start.elapsed() < Duration::from_secs(10) {
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        if tcp
+            .lines()
+            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nobody listens on {addr}");
+}
+
+fn dirtier(vcpus: &str, extra: &str) -> Vec<String> {
+    let cmdline = format!("hb_ms=20 share=50 {extra}");
+    [
+        "run",
+        "--guest",
+        "dirtier",
+        "--memory",
+        "128M",
+        "--vcpus",
+        vcpus,
+        "--cmdline",
+        &cmdline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn no_bad(lines: &[String]) {
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("BAD") || l.contains("PANIC")),
+        "guest found corruption: {lines:?}"
+    );
+}
+
+/// Migrates a running dirtier and checks, from inside the guest, that nothing was lost.
+fn migrate_and_verify(vcpus: &str, extra: &str) {
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[]);
+    let mut args = dirtier(vcpus, extra);
+    args.extend([
+        "--migrate-to".into(),
+        addr.clone(),
+        "--migrate-after".into(),
+        "1".into(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut src = Vm::spawn(&args);
+    let status = src.wait_exit(LIMIT);
+    assert_eq!(status.code(), Some(0), "source: {}", src.stderr());
+    let stats: serde_json::Value =
+        serde_json::from_str(src.stdout().trim()).expect("source stats JSON");
+    assert_eq!(stats["status"], "completed", "{stats}");
+    assert!(stats["downtime-us"].as_u64().unwrap() > 0, "{stats}");
+    let src_lines = src.lines();
+    let last_pass = src_lines.iter().filter(|l| l.starts_with("PASS ")).count();
+    // Two full passes on the destination re-verify every page the source wrote.
+    let want = format!("PASS {} ok", last_pass + 2);
+    dst.wait_line(|l| l.starts_with(&want), LIMIT);
+    assert_eq!(dst.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert_eq!(dst.wait_exit(LIMIT).code(), Some(0), "{}", dst.stderr());
+    let dst_lines = dst.lines();
+    no_bad(&src_lines);
+    no_bad(&dst_lines);
+    let mut all = src_lines.clone();
+    all.extend(dst_lines);
+    assert_contiguous(&heartbeats(&all));
+    let dstats: serde_json::Value =
+        serde_json::from_str(dst.stdout().lines().next().unwrap()).unwrap();
+    assert_eq!(dstats["status"], "completed", "{dstats}");
+}
+
+#[test]
+fn dirtier_survives_loopback_migration() {
+    migrate_and_verify("1", "");
+}
+
+#[test]
+fn two_busy_vcpus_survive_migration() {
+    migrate_and_verify("2", "cpus=all");
+}
+
+/// The source after a failed migration: still running, verification clean, and no thread or
+/// fd left behind.
+fn assert_source_unharmed(src: &mut Vm, before: (usize, usize)) {
+    let hb = heartbeats(&src.lines()).len();
+    let target = format!("HB {}", hb + 10);
+    src.wait_line(|l| l == target, LIMIT);
+    assert_eq!(src.ctl(r#"{"cmd":"status"}"#)["state"], "running");
+    let start = Instant::now();
+    while src.threads_and_fds() != before && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(src.threads_and_fds(), before, "threads/fds leaked");
+    assert_eq!(src.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert_eq!(src.wait_exit(LIMIT).code(), Some(0));
+    let lines = src.lines();
+    no_bad(&lines);
+    assert_contiguous(&heartbeats(&lines));
+}
+
+fn running_source() -> (Vm, (usize, usize)) {
+    let args = dirtier("1", "");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let src = Vm::spawn(&args);
+    src.wait_line(|l| l == "HB 3", LIMIT);
+    let before = src.threads_and_fds();
+    (src, before)
+}
+
+fn migrate_request(src: &Vm, addr: &str, extra: &str) {
+    let r = src.ctl(&format!(r#"{{"cmd":"migrate","to":"{addr}"{extra}}}"#));
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+/// Waits until the source's migration attempt has ended; returns its statistics.
+fn wait_migration_end(src: &Vm) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let st = src.ctl(r#"{"cmd":"migration-status"}"#);
+        if st["running"] == false {
+            return st["stats"].clone();
+        }
+        assert!(start.elapsed() < LIMIT, "migration did not end: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn one_line(s: &str) -> &str {
+    let t = s.trim();
+    assert!(!t.is_empty(), "no error line");
+    assert_eq!(t.lines().count(), 1, "one readable line expected: {t}");
+    t
+}
+
+/// The destination fails at `fault`: it exits non-zero with one line, the source runs on.
+fn destination_fault(fault: &str, expect: &str) {
+    let (mut src, before) = running_source();
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[("MINIVMM_FAULT", fault)]);
+    migrate_request(&src, &addr, "");
+    let stats = wait_migration_end(&src);
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let code = dst.wait_exit(LIMIT).code();
+    assert_ne!(code, Some(0));
+    let line = one_line(&dst.stderr()).to_owned();
+    assert!(line.contains(expect), "destination said: {line}");
+    assert_source_unharmed(&mut src, before);
+}
+
+#[test]
+fn destination_dies_after_accept() {
+    destination_fault("accept", "fault injected at accept");
+}
+
+#[test]
+fn destination_dies_after_description() {
+    destination_fault("description", "fault injected at description");
+}
+
+#[test]
+fn destination_dies_during_memory() {
+    destination_fault("memory", "fault injected at memory");
+}
+
+#[test]
+fn destination_dies_after_complete() {
+    destination_fault("complete", "fault injected at complete");
+}
+
+#[test]
+fn corrupt_frame_on_the_return_path() {
+    // The source abandons; the destination learns it from the Abandon or a closed socket,
+    // whichever it meets first.
+    destination_fault("corrupt-memory", "");
+}
+
+#[test]
+fn corrupt_frame_before_ready() {
+    destination_fault("corrupt-ready", "");
+}
+
+#[test]
+fn destination_refuses_a_vm_it_cannot_build() {
+    let (mut src, before) = running_source();
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[("MINIVMM_KVM_DEVICE", "/nonexistent/kvm")]);
+    migrate_request(&src, &addr, "");
+    let stats = wait_migration_end(&src);
+    assert!(
+        stats["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/kvm"),
+        "{stats}"
+    );
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    assert!(
+        one_line(&dst.stderr()).contains("refused"),
+        "{}",
+        dst.stderr()
+    );
+    assert_source_unharmed(&mut src, before);
+}
+
+#[test]
+fn corrupt_frame_from_the_source() {
+    let args = dirtier("1", "");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut src = Vm::spawn_env(&args, &[("MINIVMM_FAULT", "corrupt-precopy")]);
+    src.wait_line(|l| l == "HB 3", LIMIT);
+    let before = src.threads_and_fds();
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[]);
+    migrate_request(&src, &addr, "");
+    let stats = wait_migration_end(&src);
+    assert_eq!(stats["status"], "failed", "{stats}");
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    let line = one_line(&dst.stderr()).to_owned();
+    assert!(line.contains("magic") || line.contains("frame"), "{line}");
+    assert_source_unharmed(&mut src, before);
+}
+
+#[test]
+fn destination_killed_during_precopy() {
+    let (mut src, before) = running_source();
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[]);
+    // 10 MB/s makes pre-copy of 256 MiB last long enough to kill the destination in it.
+    migrate_request(&src, &addr, r#","max_bandwidth":10000000"#);
+    std::thread::sleep(Duration::from_millis(700));
+    dst.child.kill().unwrap();
+    let _ = dst.child.wait();
+    let stats = wait_migration_end(&src);
+    assert_eq!(stats["status"], "failed", "{stats}");
+    assert_source_unharmed(&mut src, before);
+}
+
+#[test]
+fn unreachable_destination() {
+    let (mut src, before) = running_source();
+    let addr = free_addr();
+    migrate_request(&src, &addr, "");
+    let stats = wait_migration_end(&src);
+    assert_eq!(stats["status"], "failed", "{stats}");
+    assert!(
+        stats["error-desc"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach"),
+        "{stats}"
+    );
+    assert_source_unharmed(&mut src, before);
+}
+
+#[test]
+fn no_convergence_cancels_and_keeps_running() {
+    let (mut src, before) = running_source();
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[]);
+    migrate_request(&src, &addr, r#","downtime_ms":0,"timeout":2"#);
+    let stats = wait_migration_end(&src);
+    assert_eq!(stats["status"], "cancelled", "{stats}");
+    assert!(
+        stats["error-desc"].as_str().unwrap().contains("converge"),
+        "{stats}"
+    );
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    one_line(&dst.stderr());
+    assert_source_unharmed(&mut src, before);
+}
+
+#[test]
+fn lost_confirmation_after_go_leaves_the_source_paused() {
+    let (mut src, _) = running_source();
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[("MINIVMM_FAULT", "go")]);
+    migrate_request(&src, &addr, "");
+    let stats = wait_migration_end(&src);
+    assert_eq!(stats["status"], "failed", "{stats}");
+    assert!(
+        stats["error-desc"].as_str().unwrap().contains("after go"),
+        "{stats}"
+    );
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    // Never two running copies: the source must not resume on its own.
+    assert_eq!(src.ctl(r#"{"cmd":"status"}"#)["state"], "paused");
+    let hb = heartbeats(&src.lines()).len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(heartbeats(&src.lines()).len(), hb);
+    let _ = src.child.kill();
+}
+
+#[test]
+fn failed_source_can_migrate_again() {
+    let (mut src, _) = running_source();
+    let bad = free_addr();
+    let _dead = destination(&bad, &[("MINIVMM_FAULT", "memory")]);
+    migrate_request(&src, &bad, "");
+    assert_eq!(wait_migration_end(&src)["status"], "failed");
+    let good = free_addr();
+    let mut dst = destination(&good, &[]);
+    migrate_request(&src, &good, "");
+    assert_eq!(src.wait_exit(LIMIT).code(), Some(0), "{}", src.stderr());
+    let hb = heartbeats(&src.lines()).len();
+    dst.wait_line(|l| l == format!("HB {}", hb + 20), LIMIT);
+    dst.ctl(r#"{"cmd":"shutdown"}"#);
+    dst.wait_exit(LIMIT);
+    let mut all = src.lines();
+    all.extend(dst.lines());
+    no_bad(&all);
+    assert_contiguous(&heartbeats(&all));
+}
