@@ -344,3 +344,110 @@ fn failed_source_can_migrate_again() {
     no_bad(&all);
     assert_contiguous(&heartbeats(&all));
 }
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct NetnsPair {
+    a: String,
+    b: String,
+    addr_b: String,
+}
+
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip (iproute2)");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+impl NetnsPair {
+    fn new() -> NetnsPair {
+        let id = std::process::id() % 100_000;
+        let (a, b) = (format!("mvm{id}a"), format!("mvm{id}b"));
+        let (va, vb) = (format!("mv{id}a"), format!("mv{id}b"));
+        let net = format!("10.{}.{}", 100 + id % 100, id % 250);
+        for ns in [&a, &b] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &a]);
+        ip(&["link", "set", &vb, "netns", &b]);
+        ip(&["-n", &a, "addr", "add", &format!("{net}.1/24"), "dev", &va]);
+        ip(&["-n", &b, "addr", "add", &format!("{net}.2/24"), "dev", &vb]);
+        ip(&["-n", &a, "link", "set", &va, "up"]);
+        ip(&["-n", &b, "link", "set", &vb, "up"]);
+        NetnsPair {
+            a,
+            b,
+            addr_b: format!("{net}.2"),
+        }
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn migration_between_network_namespaces() {
+    if std::process::Command::new("ip").arg("-V").output().is_err() {
+        panic!("iproute2 is required (CI installs it)");
+    }
+    let net = NetnsPair::new();
+    let addr = format!("{}:4444", net.addr_b);
+    let mut dst = Vm::spawn_in(&net.b, &["receive", "--listen", &addr]);
+    // The listener lives in the other namespace: wait until its socket exists.
+    let start = Instant::now();
+    while !listening_in(&net.b, 4444) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "destination not listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut src = Vm::spawn_in(
+        &net.a,
+        &[
+            "run",
+            "--guest",
+            "dirtier",
+            "--memory",
+            "128M",
+            "--cmdline",
+            "hb_ms=20 share=50",
+            "--migrate-to",
+            &addr,
+            "--migrate-after",
+            "1",
+        ],
+    );
+    assert_eq!(src.wait_exit(LIMIT).code(), Some(0), "{}", src.stderr());
+    let hb = heartbeats(&src.lines()).len();
+    dst.wait_line(|l| l == format!("HB {}", hb + 20), LIMIT);
+    dst.ctl(r#"{"cmd":"shutdown"}"#);
+    assert_eq!(dst.wait_exit(LIMIT).code(), Some(0));
+    let mut all = src.lines();
+    all.extend(dst.lines());
+    no_bad(&all);
+    assert_contiguous(&heartbeats(&all));
+}
+
+fn listening_in(netns: &str, port: u16) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "cat", "/proc/net/tcp"])
+        .output();
+    let hex = format!(":{port:04X} ");
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
+    })
+    .unwrap_or(false)
+}

@@ -14,6 +14,15 @@ pub fn minivmm() -> Command {
     c
 }
 
+/// minivmm inside a network namespace (`ip netns exec` execs it, so the child is minivmm).
+pub fn minivmm_in(netns: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_minivmm")])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
 /// Runs minivmm to completion with a time limit.
 pub fn run_to_end(args: &[&str], limit: Duration) -> Output {
     let mut child = minivmm()
@@ -49,12 +58,20 @@ impl Vm {
     /// Spawns with extra environment variables (fault injection); stdout and stderr go to
     /// files in the VM's directory.
     pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Vm {
+        Self::spawn_cmd(minivmm(), args, env)
+    }
+
+    pub fn spawn_in(netns: &str, args: &[&str]) -> Vm {
+        Self::spawn_cmd(minivmm_in(netns), args, &[])
+    }
+
+    fn spawn_cmd(mut cmd: Command, args: &[&str], env: &[(&str, &str)]) -> Vm {
         let dir = tempfile::tempdir().expect("tempdir");
         let serial = dir.path().join("serial.log");
         let api = dir.path().join("api.sock");
         let out = std::fs::File::create(dir.path().join("stdout")).expect("stdout file");
         let err = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
-        let child = minivmm()
+        let child = cmd
             .args(args)
             .arg("--serial")
             .arg(format!("file:{}", serial.display()))
