@@ -153,6 +153,10 @@ pub const EXIT_SETUP: u8 = 1;
 pub const EXIT_PANIC: u8 = 2;
 pub const EXIT_BAD_PAGE: u8 = 3;
 pub const EXIT_SMP_TIMEOUT: u8 = 4;
+/// An interrupt the guest waited for did not come (dmatest).
+pub const EXIT_NO_IRQ: u8 = 5;
+/// The device reported an error or a state it must not be in (dmatest).
+pub const EXIT_DEVICE_ERROR: u8 = 6;
 
 // ---------------------------------------------------------------------------------------------
 // Port I/O
@@ -170,6 +174,39 @@ pub fn inb(port: u16) -> u8 {
     // SAFETY: as for `outb`.
     unsafe {
         asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`; also reaches PCI configuration space (0xCFC-0xCFF), whose
+    // registers change device decoding but never memory that Rust owns.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: as for `outw`.
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outw`; also reaches the PCI configuration address port 0xCF8.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `outl`.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
     }
     value
 }
@@ -357,21 +394,24 @@ pub fn arg<'a>(cmdline: &'a [u8], key: &str) -> Option<&'a [u8]> {
     found
 }
 
+/// A decimal number, or hex with a `0x` prefix (addresses read better that way).
 pub fn parse_u64(s: &[u8]) -> Option<u64> {
-    if s.is_empty() {
+    let (digits, radix) = match s.strip_prefix(b"0x") {
+        Some(hex) => (hex, 16),
+        None => (s, 10),
+    };
+    if digits.is_empty() {
         return None;
     }
     let mut v: u64 = 0;
-    for &c in s {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        v = v.checked_mul(10)?.checked_add((c - b'0') as u64)?;
+    for &c in digits {
+        let d = (c as char).to_digit(radix)? as u64;
+        v = v.checked_mul(radix as u64)?.checked_add(d)?;
     }
     Some(v)
 }
 
-/// `key=<decimal>` from the command line, `default` when absent; prints and exits with
+/// `key=<number>` from the command line, `default` when absent; prints and exits with
 /// `EXIT_SETUP` when the value is not a number in `min..=max`.
 pub fn arg_u64(cmdline: &[u8], who: &str, key: &str, default: u64, min: u64, max: u64) -> u64 {
     let Some(raw) = arg(cmdline, key) else {

@@ -44,6 +44,10 @@ static GUESTS: &[Guest] = &[
         "smp",
         "starts every vCPU from the MP table with INIT-SIPI-SIPI; each reports on serial"
     ),
+    guest!(
+        "dmatest",
+        "drives sampledev over PCI: moves BAR0, DMA fills with MSI-X completion, verifies data and device state (rounds= buf_kb= bufs= hb_ms=)"
+    ),
 ];
 
 /// Every embedded guest.
@@ -113,6 +117,7 @@ mod tests {
         assert!(find("hello").is_some());
         assert!(find("dirtier").is_some());
         assert!(find("smp").is_some());
+        assert!(find("dmatest").is_some());
         assert!(find("nonesuch").is_none());
     }
 
