@@ -111,10 +111,20 @@ pub struct PciRoot {
 }
 
 impl PciRoot {
-    /// A root with the host bridge at 00:00.0. BARs go on `mmio` and `pio`.
+    /// A root with the plain host bridge at 00:00.0. BARs go on `mmio` and `pio`.
     pub fn new(mmio: Arc<Bus>, pio: Arc<Bus>, windows: PciWindows) -> Self {
+        Self::with_host_bridge(mmio, pio, windows, HostBridge::new())
+    }
+
+    /// A root with `bridge` at 00:00.0 (e.g. [`HostBridge::with_ecam_hint`]).
+    pub fn with_host_bridge(
+        mmio: Arc<Bus>,
+        pio: Arc<Bus>,
+        windows: PciWindows,
+        bridge: HostBridge,
+    ) -> Self {
         let mut slots = BTreeMap::new();
-        let bridge: SharedPciDevice = Arc::new(Mutex::new(HostBridge::new()));
+        let bridge: SharedPciDevice = Arc::new(Mutex::new(bridge));
         slots.insert(
             0,
             Slot {

@@ -23,9 +23,15 @@ mod vfio_tests;
 #[cfg(test)]
 mod vfio_user_tests;
 
+pub use bar_mmap::{BarMemoryMapper, KvmBarMapper};
 pub use bus::{PciBdf, PciRoot, PciRootError, PciWindows};
 pub use config_access::{
     ECAM_SIZE, PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, PciConfigIo, PciConfigMmio,
 };
 pub use device::{PciDevice, SharedPciDevice};
+pub use host_bridge::{HostBridge, HostBridgeError};
 pub use irq::{KvmMsiRouting, MsiMessage, MsiRouting, MsiVectors, VectorRoute};
+pub use vfio::{VfioPciDevice, VfioPciError};
+pub use vfio_backend::{BackendError, DmaRegion, VfioBackend};
+pub use vfio_kernel::{KernelVfioBackend, KernelVfioContainer};
+pub use vfio_user::VfioUserBackend;
