@@ -52,7 +52,7 @@ impl HostBridge {
     /// A bridge that advertises a 256-bus ECAM window at `base` through PCIEXBAR (see the
     /// module comment); `base` must satisfy Linux's checks (256 MiB aligned, below 0xf000_0000).
     pub fn with_ecam_hint(base: u64) -> Result<Self, HostBridgeError> {
-        if base % ECAM_256_BUSES != 0 || base >= 0xf000_0000 {
+        if !base.is_multiple_of(ECAM_256_BUSES) || base >= 0xf000_0000 {
             return Err(HostBridgeError::EcamBase(base));
         }
         let mut b = Self::with_id(I945_HOST_BRIDGE_DEVICE);
