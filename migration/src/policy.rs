@@ -55,6 +55,9 @@ pub enum Decision {
 pub struct Convergence {
     cfg: PolicyConfig,
     bandwidth: Option<f64>,
+    /// Rate of the latest pass however small, used only while `bandwidth` is unknown: an idle
+    /// guest's passes may never reach `min_sample_bytes`, and must still converge.
+    small_sample: Option<f64>,
     dirty_rate: f64,
 }
 
@@ -63,6 +66,7 @@ impl Convergence {
         Self {
             cfg,
             bandwidth: None,
+            small_sample: None,
             dirty_rate: 0.0,
         }
     }
@@ -74,11 +78,15 @@ impl Convergence {
     /// Records a pass that put `bytes` on the wire in `elapsed`.
     pub fn record_pass(&mut self, bytes: u64, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        if bytes < self.cfg.min_sample_bytes || secs <= 0.0 {
+        if bytes == 0 || secs <= 0.0 {
             return;
         }
         let sample = bytes as f64 / secs;
         if !sample.is_finite() || sample <= 0.0 {
+            return;
+        }
+        if bytes < self.cfg.min_sample_bytes {
+            self.small_sample = Some(sample);
             return;
         }
         let w = self.cfg.ewma_weight.clamp(0.0, 1.0);
@@ -110,7 +118,7 @@ impl Convergence {
     /// device stop-copy data; `None` while bandwidth is unknown and there is data to move.
     pub fn estimate_downtime(&self, remaining: u64, device_bytes: u64) -> Option<Duration> {
         let bytes = remaining.saturating_add(device_bytes);
-        let transfer = match (bytes, self.bandwidth) {
+        let transfer = match (bytes, self.bandwidth.or(self.small_sample)) {
             (0, _) => Duration::ZERO,
             // A near-zero bandwidth gives an estimate too large for Duration: saturate.
             (_, Some(bw)) if bw > 0.0 => {
@@ -159,12 +167,26 @@ mod tests {
     #[test]
     fn bandwidth_is_an_ewma_of_long_enough_passes() {
         let mut c = conv();
-        c.record_pass(1000, Duration::from_micros(1)); // too small: ignored
+        c.record_pass(1000, Duration::from_micros(1)); // too small for the average
         assert_eq!(c.bandwidth(), None);
         c.record_pass(1000 * MIB, Duration::from_secs(1));
         assert_eq!(c.bandwidth(), Some(1000.0 * MIB as f64));
         c.record_pass(500 * MIB, Duration::from_secs(1));
         assert_eq!(c.bandwidth(), Some(750.0 * MIB as f64));
+    }
+
+    #[test]
+    fn idle_guest_converges_on_small_passes() {
+        let mut c = conv();
+        // An idle guest's pass: a few zero ranges, far below the averaging threshold.
+        c.record_pass(4096, Duration::from_millis(1));
+        assert_eq!(c.bandwidth(), None);
+        let d = c.estimate_downtime(8192, 0).unwrap();
+        assert!(d < Duration::from_millis(10), "{d:?}");
+        assert_eq!(
+            c.decide(Duration::ZERO, 8192, 0, true),
+            Decision::SwitchOver
+        );
     }
 
     #[test]

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use migration::MigrationError;
 use migration::dirty::{DirtyLog, RamSlot, VmmWrites};
-use migration::policy::{Convergence, Decision, PolicyConfig};
+use migration::policy::PolicyConfig;
+use migration::precopy::{Link, NoDevices, PrecopyEnd, PrecopyOptions, final_pass, run_precopy};
 use migration::protocol::{Channel, Message, ProtocolError, ReturnPath};
-use migration::ranges::{MemoryRange, PAGE_SIZE, total_len};
-use migration::send::{SendOptions, send_ranges};
+use migration::ranges::MemoryRange;
+use migration::send::SendOptions;
 use migration::session::{EndError, abandon, source_end, source_handshake};
 use migration::stats::{MigrationStats, Progress, Status, progress_line};
-use migration::throttle::Throttle;
 
 use super::dirty_kvm::KvmDirtyLog;
 use super::snapshot::{self, SnapshotError};
@@ -67,24 +67,9 @@ fn connect(to: &str) -> Result<TcpStream, SourceError> {
     Ok(s)
 }
 
-/// Everything one migration attempt carries between its phases.
-struct Run<'a> {
-    opts: &'a MigrateOptions,
-    info: &'a SharedInfo,
-    mem: GuestMemory,
-    ch: Channel<TcpStream>,
-    rp: ReturnPath,
-    log: DirtyLog,
-    stats: MigrationStats,
-    start: Instant,
-    tty: bool,
-    /// Dirty ranges collected but not yet sent when pre-copy decided to switch over.
-    pending: Vec<MemoryRange>,
-}
-
 /// Migrates the machine to `opts.to`. On success the guest stays paused here (the caller
-/// ends this VM) and the statistics are returned; on failure the guest runs on here (or, if the destination
-/// may already run it, stays paused) and the error says which.
+/// ends this VM) and the statistics are returned; on failure the guest runs on here (or, if
+/// the destination may already run it, stays paused) and the error says which.
 pub fn migrate(
     shared: &SharedMachine,
     opts: &MigrateOptions,
@@ -95,7 +80,6 @@ pub fn migrate(
         let m = lock(shared);
         (m.ram.mem.clone(), m.vm.fd.clone(), snapshot::describe(&m))
     };
-    set_status(info, Status::Setup, None);
     let stream = connect(&opts.to)?;
     let mut ch = Channel::new(stream.try_clone()?);
     source_handshake(&mut ch, &desc, 0)?;
@@ -103,10 +87,9 @@ pub fn migrate(
     let mut log = DirtyLog::new(RamSlot::of_memory(&mem));
     log.add(Box::new(VmmWrites::new(mem.clone())));
     log.add(Box::new(KvmDirtyLog::new(fd, mem.clone())));
-    log.start()?;
     let mut stats = MigrationStats::new(desc.ram_bytes());
     stats.setup_time = start.elapsed().as_millis() as u64;
-    let tty = std::io::stderr().is_terminal();
+    stats.status = Status::Active;
     let mut run = Run {
         opts,
         info,
@@ -115,11 +98,11 @@ pub fn migrate(
         rp,
         log,
         stats,
-        start,
-        tty,
-        pending: Vec::new(),
+        tty: std::io::stderr().is_terminal(),
     };
-    let result = run.precopy().and_then(|()| run.switchover(shared));
+    let result = run
+        .precopy()
+        .and_then(|pending| run.switchover(shared, &pending));
     if let Err(e) = run.log.stop() {
         log::warn!("{e}");
     }
@@ -137,6 +120,7 @@ pub fn migrate(
     // Ends the return-path reader thread.
     let _ = stream.shutdown(std::net::Shutdown::Both);
     run.stats.total_time = start.elapsed().as_millis() as u64;
+    run.stats.ram.set_rates(start.elapsed());
     if run.tty {
         eprintln!();
     }
@@ -144,13 +128,16 @@ pub fn migrate(
     result.map(|()| run.stats)
 }
 
-fn set_status(info: &SharedInfo, status: Status, progress: Option<String>) {
-    let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
-    i.stats.status = status;
-    i.running = true;
-    if let Some(p) = progress {
-        i.progress = p;
-    }
+/// Everything one migration attempt carries between its phases.
+struct Run<'a> {
+    opts: &'a MigrateOptions,
+    info: &'a SharedInfo,
+    mem: GuestMemory,
+    ch: Channel<TcpStream>,
+    rp: ReturnPath,
+    log: DirtyLog,
+    stats: MigrationStats,
+    tty: bool,
 }
 
 fn publish(info: &SharedInfo, stats: &MigrationStats, progress: String, running: bool) {
@@ -161,97 +148,62 @@ fn publish(info: &SharedInfo, stats: &MigrationStats, progress: String, running:
 }
 
 impl Run<'_> {
-    /// Fails if the destination has given up (its `Abandon` arrives on the return path).
-    fn check_return_path(&self) -> Result<(), SourceError> {
-        match self.rp.try_recv() {
-            None => Ok(()),
-            Some(Ok(Message::Abandon { reason })) => Err(SourceError::Abandoned(reason)),
-            Some(Ok(Message::DeviceAck { .. })) => Ok(()),
-            Some(Ok(other)) => {
-                Err(ProtocolError::unexpected("nothing during pre-copy", other).into())
-            }
-            Some(Err(e)) => Err(e.into()),
-        }
-    }
-
-    /// Sends all RAM, then dirty pages pass after pass until the rest fits the downtime target.
-    fn precopy(&mut self) -> Result<(), SourceError> {
-        let cfg = PolicyConfig {
-            downtime_limit: self.opts.downtime,
-            timeout: self.opts.timeout,
+    /// Sends all RAM, then dirty pages pass after pass until the rest fits the downtime
+    /// target; returns the dirty ranges still to send.
+    fn precopy(&mut self) -> Result<Vec<MemoryRange>, SourceError> {
+        let opts = PrecopyOptions {
+            policy: PolicyConfig {
+                downtime_limit: self.opts.downtime,
+                timeout: self.opts.timeout,
+                ..Default::default()
+            },
+            max_bandwidth: self.opts.max_bandwidth,
             ..Default::default()
         };
-        let mut conv = Convergence::new(cfg);
-        let mut throttle = self.opts.max_bandwidth.map(Throttle::new);
-        let mut ranges = self.log.all_ranges();
-        let mut last_collect = Instant::now();
-        self.stats.status = Status::Active;
-        for iteration in 0.. {
-            self.check_return_path()?;
-            let t = Instant::now();
-            let sent = send_ranges(
-                &self.mem,
-                &ranges,
-                &mut self.ch,
-                &SendOptions::default(),
-                throttle.as_mut(),
-            )?;
-            conv.record_pass(sent.wire_bytes, t.elapsed());
-            self.stats.ram.add_pass(&sent, false);
-            super::fault::corrupt_point("precopy", self.ch.get_mut());
-            self.ch.send(&Message::IterationEnd {
-                iteration,
-                pages: sent.normal_pages + sent.zero_pages,
-            })?;
-            ranges = self.log.collect()?;
-            let remaining = total_len(&ranges);
-            conv.record_dirty(remaining / PAGE_SIZE, last_collect.elapsed());
-            last_collect = Instant::now();
-            self.stats.ram.dirty_sync_count = iteration + 1;
-            self.stats.ram.remaining = remaining;
-            self.stats.ram.dirty_pages_rate = conv.dirty_rate() as u64;
-            self.report(&conv, iteration, remaining);
-            match decide(&conv, self.start.elapsed(), remaining) {
-                Decision::SwitchOver => {
-                    self.pending = ranges;
-                    return Ok(());
-                }
-                Decision::GiveUp => return Err(SourceError::Timeout(self.opts.timeout)),
-                Decision::Continue => {}
-            }
-        }
-        Ok(())
-    }
-
-    fn report(&self, conv: &Convergence, iteration: u64, remaining: u64) {
-        let p = Progress {
-            iteration,
-            transferred: self.stats.ram.transferred,
-            total_ram: self.stats.ram.total,
-            remaining,
-            bandwidth: conv.bandwidth(),
-            dirty_pages_rate: conv.dirty_rate(),
-            expected_downtime: conv.estimate_downtime(remaining, 0),
-            elapsed: self.start.elapsed(),
+        let link = Link {
+            ch: &mut self.ch,
+            rp: &self.rp,
         };
-        let line = progress_line(&p);
-        if self.tty {
-            eprint!("\r{line}\x1b[K");
+        let (info, tty) = (self.info, self.tty);
+        let progress = |p: &Progress| {
+            let line = progress_line(p);
+            if tty {
+                eprint!("\r{line}\x1b[K");
+            }
+            let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+            i.progress = line;
+            i.stats.status = Status::Active;
+        };
+        let end = run_precopy(
+            &self.mem,
+            &mut self.log,
+            link,
+            &opts,
+            &mut NoDevices,
+            &mut self.stats,
+            progress,
+        )
+        .map_err(abandoned)?;
+        super::fault::corrupt_point("precopy", self.ch.get_mut());
+        match end {
+            PrecopyEnd::SwitchOver { pending, .. } => Ok(pending),
+            PrecopyEnd::GaveUp => Err(SourceError::Timeout(self.opts.timeout)),
         }
-        log::debug!("{line}");
-        publish(self.info, &self.stats, line, true);
     }
 
     /// Pauses the guest, sends the last dirty pages and all state, and hands over. Failing
     /// before `Go` resumes the guest here; failing after it leaves the guest paused, because
     /// the destination may already be running it.
-    fn switchover(&mut self, shared: &SharedMachine) -> Result<(), SourceError> {
+    fn switchover(
+        &mut self,
+        shared: &SharedMachine,
+        pending: &[MemoryRange],
+    ) -> Result<(), SourceError> {
         let mut m = lock(shared);
         self.stats.status = Status::Device;
         m.vcpus.pause()?;
         let paused = Instant::now();
-        let result = self.send_final(&m, paused);
-        match result {
+        match self.send_final(&m, pending, paused) {
             Ok(()) => {
                 self.stats.set_downtime(paused.elapsed());
                 self.stats.status = Status::Completed;
@@ -270,17 +222,20 @@ impl Run<'_> {
         }
     }
 
-    fn send_final(&mut self, m: &Machine, paused: Instant) -> Result<(), SourceError> {
-        let mut ranges = std::mem::take(&mut self.pending);
-        ranges.extend(self.log.collect()?);
-        let sent = send_ranges(
+    fn send_final(
+        &mut self,
+        m: &Machine,
+        pending: &[MemoryRange],
+        paused: Instant,
+    ) -> Result<(), SourceError> {
+        final_pass(
             &self.mem,
-            &ranges,
+            &mut self.log,
             &mut self.ch,
+            pending,
             &SendOptions::default(),
-            None,
+            &mut self.stats,
         )?;
-        self.stats.ram.add_pass(&sent, true);
         let t_mem = paused.elapsed();
         let snap = snapshot::save(m)?;
         let t_save = paused.elapsed();
@@ -303,18 +258,16 @@ impl Run<'_> {
         b.state_transfer = (t_sent - t_save).as_micros() as u64;
         b.state_load = dest.state_load_us;
         b.resume = dest.resume_us;
-        let elapsed = self.start.elapsed();
-        self.stats.ram.set_rates(elapsed);
         Ok(())
     }
 }
 
-/// The policy's decision, except that a pass too small to measure bandwidth (an idle guest
-/// whose RAM is mostly holes) must not keep pre-copy going forever: a remainder below one
-/// chunk switches over.
-fn decide(conv: &Convergence, elapsed: Duration, remaining: u64) -> Decision {
-    if conv.bandwidth().is_none() && remaining <= SendOptions::default().max_chunk {
-        return Decision::SwitchOver;
+/// The destination's `Abandon` seen on the return path is its own error kind.
+fn abandoned(e: MigrationError) -> SourceError {
+    match e {
+        MigrationError::Protocol(ProtocolError::Abandoned(reason)) => {
+            SourceError::Abandoned(reason)
+        }
+        other => other.into(),
     }
-    conv.decide(elapsed, remaining, 0, true)
 }
