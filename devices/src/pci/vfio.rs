@@ -3,8 +3,10 @@
 //! from region info; the guest's addresses never reach the device), the ROM BAR (hidden), the
 //! interrupt line and pin, the IO/MEM/bus-master decode bits of COMMAND (also passed on), and
 //! the MSI and MSI-X capability registers (emulated, and passed on so the device sees its own
-//! enable bits). BAR accesses trap here and are forwarded as region reads and writes, except
-//! the MSI-X table and PBA, which are emulated. Extended configuration space reads as zeros.
+//! enable bits). BAR accesses trap here and are forwarded as region reads and writes; the
+//! MSI-X table is emulated (reads come from the VMM's copy, writes go to both, so a device that
+//! gates its own signalling on the mask bits agrees with KVM's routes), and the PBA is read
+//! from the device. Extended configuration space reads as zeros.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -486,32 +488,30 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-        match (self.msix_target(bar, offset), &self.irqs.msix) {
-            (Some((false, rel)), Some(m)) => m.config.read_table(rel, data),
-            (Some((true, rel)), Some(m)) => m.config.read_pba(rel, data),
-            _ => {
-                if let Err(e) = self.backend.region_read(bar as u32, offset, data) {
-                    log::warn!("vfio {}: BAR {bar} read at {offset:#x}: {e}", self.id);
-                    data.fill(0xff);
-                }
-            }
+        if let (Some((false, rel)), Some(m)) = (self.msix_target(bar, offset), &self.irqs.msix) {
+            m.config.read_table(rel, data);
+            return;
+        }
+        // The PBA included: the device knows what it has pending.
+        if let Err(e) = self.backend.region_read(bar as u32, offset, data) {
+            log::warn!("vfio {}: BAR {bar} read at {offset:#x}: {e}", self.id);
+            data.fill(0xff);
         }
     }
 
     fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        let r = match self.msix_target(bar, offset) {
-            Some((false, rel)) => self
-                .irqs
-                .write_msix_table(&mut *self.backend, rel, data)
-                .map_err(VfioPciError::from),
-            // The PBA is read-only.
-            Some((true, _)) => Ok(()),
-            None => self
-                .backend
-                .region_write(bar as u32, offset, data)
-                .map_err(VfioPciError::from),
-        };
-        if let Err(e) = r {
+        let target = self.msix_target(bar, offset);
+        if let Some((false, rel)) = target
+            && let Err(e) = self.irqs.write_msix_table(&mut *self.backend, rel, data)
+        {
+            log::error!("vfio {}: MSI-X update: {e}", self.id);
+        }
+        // The PBA is read-only. Table writes also reach the device: a vfio-user device may gate
+        // its own signalling on its copy of the mask bits, and vfio-pci drops them.
+        if matches!(target, Some((true, _))) {
+            return;
+        }
+        if let Err(e) = self.backend.region_write(bar as u32, offset, data) {
             log::warn!("vfio {}: BAR {bar} write at {offset:#x}: {e}", self.id);
         }
     }

@@ -123,14 +123,21 @@ fn bar_accesses_trap_to_the_region() {
     assert_eq!(b, [0x77]);
     d.read_bar(0, 0x1000, &mut b);
     assert_eq!(b, [0xff], "outside the region");
-    // The MSI-X table is emulated, not forwarded.
+    // MSI-X table writes reach the device too, but reads come from the emulation.
     d.write_bar(2, 0x2008, &0x1234u32.to_le_bytes());
-    assert_eq!(st.lock().unwrap().regions[&2][0x2008], 0);
+    assert_eq!(st.lock().unwrap().regions[&2][0x2008], 0x34);
+    st.lock().unwrap().regions.get_mut(&2).unwrap()[0x2008] = 0x99;
     let mut w = [0u8; 4];
     d.read_bar(2, 0x2008, &mut w);
     assert_eq!(u32::from_le_bytes(w), 0x1234);
     d.read_bar(2, 0x200c, &mut w);
     assert_eq!(u32::from_le_bytes(w), 1, "vectors start masked");
+    // The PBA is the device's, and read-only.
+    st.lock().unwrap().regions.get_mut(&2).unwrap()[0x3000] = 0x4;
+    d.read_bar(2, 0x3000, &mut w);
+    assert_eq!(w[0], 0x4);
+    d.write_bar(2, 0x3000, &[0; 4]);
+    assert_eq!(st.lock().unwrap().regions[&2][0x3000], 0x4);
 }
 
 fn program_vector(d: &mut VfioPciDevice, v: u64, data: u32) {
