@@ -422,9 +422,8 @@ impl VfioPciDevice {
                 }
             }
         }
-        for (start, bytes) in runs(&to_device) {
-            self.device_config_write(start, &bytes);
-        }
+        // Interrupt plumbing first: a device that sees its enable bit must find its eventfds
+        // already attached, or a vector it raises at once is lost.
         for (start, bytes) in runs(&msi) {
             if let Err(e) = self.irqs.write_msi(&mut *self.backend, start, &bytes) {
                 log::error!("vfio {}: MSI update: {e}", self.id);
@@ -434,6 +433,9 @@ impl VfioPciDevice {
             && let Err(e) = self.irqs.write_msix_control(&mut *self.backend, c)
         {
             log::error!("vfio {}: MSI-X update: {e}", self.id);
+        }
+        for (start, bytes) in runs(&to_device) {
+            self.device_config_write(start, &bytes);
         }
     }
 }
