@@ -80,6 +80,11 @@ impl Core {
             REG_STATE_SEED => self.state.seed(),
             REG_ERROR_COUNT => r.error_count,
             REG_SCRATCH => r.scratch,
+            REG_MIG_STATE => self.mig.state,
+            REG_INVALID_ARCS => self.mig.invalid_arcs,
+            REG_FAILED_ARCS => self.mig.failed_arcs,
+            REG_MIG_CAPS => self.mig.caps,
+            REG_STATE_DIGEST => self.state.digest(),
             _ => 0,
         }
     }

@@ -1,14 +1,19 @@
 //! Command line of the `sampledev` binary.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use vfio_user::vfio::{VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY};
+use vfio_user::{MigState, is_direct_arc};
+
+use crate::options::{DeviceOptions, FailArc, MigMode};
 
 /// Largest --state-size accepted.
 const MAX_STATE_SIZE: u64 = 16 << 30;
 
 /// Sample vfio-user PCI device: BAR0 registers, a DMA engine with MSI-X completion, and
-/// internal state of configurable size.
+/// internal state of configurable size, migratable with VFIO migration v2 or v1.
 #[derive(Debug, Parser)]
 #[command(name = "sampledev", version)]
 pub struct Cli {
@@ -19,6 +24,76 @@ pub struct Cli {
     /// a multiple of 8.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     pub state_size: u64,
+    /// Migration interface: v2 (DEVICE_FEATURE + MIG_DATA_READ/WRITE), v1 (migration region),
+    /// or none.
+    #[arg(long, value_enum, default_value_t = MigArg::V2)]
+    pub migration: MigArg,
+    /// v2: do not offer the P2P states (RUNNING_P2P, PRE_COPY_P2P).
+    #[arg(long)]
+    pub no_p2p: bool,
+    /// v2: do not offer PRE_COPY.
+    #[arg(long)]
+    pub no_precopy: bool,
+    /// Do not offer DMA logging of the device's writes.
+    #[arg(long)]
+    pub no_dirty_log: bool,
+    /// Make the direct arc FROM:TO (state names, e.g. STOP:STOP_COPY) fail.
+    #[arg(long, value_parser = parse_arc)]
+    pub fail_arc: Option<(MigState, MigState)>,
+    /// How often --fail-arc fails: a number of times, or "always".
+    #[arg(long, default_value = "1", value_parser = parse_count)]
+    pub fail_arc_count: Count,
+    /// Flip one byte of the STOP_COPY data (after its checksum was computed).
+    #[arg(long)]
+    pub corrupt_stream: bool,
+    /// Sleep this many milliseconds before each STOP_COPY data read.
+    #[arg(long, value_name = "MS")]
+    pub slow_stop_copy: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MigArg {
+    V2,
+    V1,
+    None,
+}
+
+/// `Some(n)`: n times; `None`: always.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Count(pub Option<u32>);
+
+impl Cli {
+    /// The device these arguments describe; refuses combinations that cannot work.
+    pub fn device_options(&self) -> Result<DeviceOptions, String> {
+        let mut o = DeviceOptions::new(self.state_size);
+        o.mode = match self.migration {
+            MigArg::V2 => MigMode::V2,
+            MigArg::V1 => MigMode::V1,
+            MigArg::None => MigMode::None,
+        };
+        if self.no_p2p {
+            o.v2_flags &= !VFIO_MIGRATION_P2P;
+        }
+        if self.no_precopy {
+            o.v2_flags &= !VFIO_MIGRATION_PRE_COPY;
+        }
+        o.dirty_log = !self.no_dirty_log;
+        o.corrupt_stream = self.corrupt_stream;
+        o.slow_stop_copy = self.slow_stop_copy.map(Duration::from_millis);
+        if let Some((from, to)) = self.fail_arc {
+            if !is_direct_arc(from, to, o.fsm_flags()) {
+                return Err(format!(
+                    "--fail-arc {from}:{to} is not an arc this device has"
+                ));
+            }
+            o.fail_arc = Some(FailArc {
+                from,
+                to,
+                count: self.fail_arc_count.0,
+            });
+        }
+        Ok(o)
+    }
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -42,6 +117,27 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(size)
 }
 
+fn parse_state(s: &str) -> Result<MigState, String> {
+    MigState::from_name(s).ok_or_else(|| format!("'{s}' is not a migration state name"))
+}
+
+pub fn parse_arc(s: &str) -> Result<(MigState, MigState), String> {
+    let (from, to) = s
+        .split_once(':')
+        .ok_or_else(|| format!("'{s}' is not FROM:TO"))?;
+    Ok((parse_state(from)?, parse_state(to)?))
+}
+
+pub fn parse_count(s: &str) -> Result<Count, String> {
+    if s.eq_ignore_ascii_case("always") {
+        return Ok(Count(None));
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(Count(Some(n))),
+        _ => Err(format!("'{s}' is not a positive count or 'always'")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +152,26 @@ mod tests {
         assert!(parse_size("1T").is_err());
         assert!(parse_size("99999999999G").is_err());
         assert!(parse_size("M").is_err());
+    }
+
+    #[test]
+    fn arcs_and_counts() {
+        use MigState::*;
+        assert_eq!(parse_arc("stop:stop_copy"), Ok((Stop, StopCopy)));
+        assert!(parse_arc("STOP").is_err());
+        assert!(parse_arc("STOP:NOPE").is_err());
+        assert_eq!(parse_count("always"), Ok(Count(None)));
+        assert_eq!(parse_count("3"), Ok(Count(Some(3))));
+        assert!(parse_count("0").is_err());
+        let cli = |args: &[&str]| {
+            let mut v = vec!["sampledev", "--socket", "s"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).unwrap().device_options()
+        };
+        assert!(cli(&["--fail-arc", "RUNNING:STOP_COPY"]).is_err());
+        assert!(cli(&["--fail-arc", "RUNNING:STOP", "--no-p2p"]).is_ok());
+        assert!(cli(&["--fail-arc", "RUNNING:STOP"]).is_err());
+        let o = cli(&["--migration", "v1", "--fail-arc", "PRE_COPY:STOP_COPY"]).unwrap();
+        assert_eq!(o.mode, MigMode::V1);
     }
 }

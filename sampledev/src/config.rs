@@ -97,6 +97,25 @@ impl ConfigSpace {
         }
     }
 
+    pub fn bytes(&self) -> &[u8; CONFIG_SIZE] {
+        &self.bytes
+    }
+
+    /// Takes the writable bits of a saved config space. Read-only bits must equal ours: a
+    /// difference means the stream came from a different kind of device.
+    pub fn restore(&mut self, saved: &[u8; CONFIG_SIZE]) -> Result<(), String> {
+        let fresh = ConfigSpace::new();
+        for (i, (&s, &f)) in saved.iter().zip(fresh.bytes.iter()).enumerate() {
+            if (s ^ f) & !self.wmask[i] != 0 {
+                return Err(format!(
+                    "config byte {i:#x} is {s:#04x}, this device has {f:#04x} there"
+                ));
+            }
+        }
+        self.bytes = *saved;
+        Ok(())
+    }
+
     pub fn bus_master(&self) -> bool {
         self.get16(COMMAND) & CMD_BUS_MASTER != 0
     }
@@ -137,5 +156,17 @@ mod tests {
         c.read(MSIX_CTRL, &mut b);
         // Table size stays read-only.
         assert_eq!(u16::from_le_bytes(b) & 0x7ff, MSIX_VECTORS - 1);
+    }
+
+    #[test]
+    fn restore_takes_writable_bits_only() {
+        let mut src = ConfigSpace::new();
+        src.write(COMMAND, &CMD_BUS_MASTER.to_le_bytes());
+        let mut dst = ConfigSpace::new();
+        dst.restore(src.bytes()).unwrap();
+        assert!(dst.bus_master());
+        let mut alien = *src.bytes();
+        alien[0] ^= 1;
+        assert!(dst.restore(&alien).is_err());
     }
 }

@@ -11,13 +11,38 @@ use crate::regs::{
 };
 use crate::state::InternalState;
 
+/// How far the device may act on its own; the migration state decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    Running,
+    /// RUNNING_P2P, PRE_COPY_P2P: no new DMA (it waits in `queued`), no interrupts.
+    Quiesced,
+    /// STOP, STOP_COPY, RESUMING, ERROR: the same, and the state does not change.
+    Stopped,
+}
+
+/// Migration status the BAR0 registers show; the migration layer keeps it current.
+#[derive(Debug, Clone, Default)]
+pub struct MigStatus {
+    pub state: u64,
+    pub invalid_arcs: u64,
+    pub failed_arcs: u64,
+    pub caps: u64,
+}
+
 pub struct Core {
     pub config: ConfigSpace,
     pub regs: Registers,
     pub msix: Msix,
     pub state: InternalState,
-    /// Bumped by reset so that a DMA started before it cannot complete after it.
+    /// Bumped by reset and restore so that a DMA started before cannot complete after.
     pub generation: u64,
+    pub run: RunMode,
+    /// A DMA latched while the device could not start it; it runs on return to RUNNING.
+    pub queued: Option<DmaJob>,
+    /// Jobs handed to the engine and not finished; arcs that quiesce wait for zero.
+    pub dma_jobs: u64,
+    pub mig: MigStatus,
 }
 
 impl Core {
@@ -28,23 +53,41 @@ impl Core {
             msix: Msix::new(),
             state: InternalState::new(state_size, DEFAULT_STATE_SEED),
             generation: 0,
+            run: RunMode::Running,
+            queued: None,
+            dma_jobs: 0,
+            mig: MigStatus::default(),
         }
     }
 
-    /// Power-on state. DMA mappings and interrupt eventfds belong to the client and stay.
+    /// Power-on state. DMA mappings and interrupt eventfds belong to the client and stay;
+    /// the migration counters are diagnostics of the process and stay too.
     pub fn reset(&mut self) {
         self.generation += 1;
         self.config = ConfigSpace::new();
         self.regs = Registers::default();
         self.msix.reset();
         self.state = InternalState::new(self.state.size(), DEFAULT_STATE_SEED);
+        self.run = RunMode::Running;
+        self.queued = None;
     }
 
     pub fn msix_control(&self) -> MsixControl {
         MsixControl {
             enabled: self.config.msix_enabled(),
             function_masked: self.config.msix_function_masked(),
+            quiesced: self.run != RunMode::Running,
         }
+    }
+
+    /// Back to RUNNING: pending vectors fire, and a DMA that waited is returned to be run.
+    pub fn resume(&mut self) -> Option<DmaJob> {
+        self.run = RunMode::Running;
+        let ctl = self.msix_control();
+        self.msix.deliver_pending(ctl);
+        let job = self.queued.take()?;
+        self.dma_jobs += 1;
+        Some(job)
     }
 
     /// Reports `code` to the guest in STATUS and counts it.
@@ -55,7 +98,8 @@ impl Core {
         self.regs.error_count += 1;
     }
 
-    /// Latches DMA_CMD: the returned job goes to the engine. None if the engine is busy.
+    /// Latches DMA_CMD: the returned job goes to the engine. None if the engine is busy, or
+    /// if the device is quiesced or stopped: then the job waits in `queued`.
     pub fn start_dma(&mut self, cmd: u64) -> Option<DmaJob> {
         if self.regs.status & STATUS_BUSY != 0 {
             self.set_error(ErrorCode::Busy);
@@ -64,7 +108,7 @@ impl Core {
         let r = &mut self.regs;
         r.status = (r.status & !(STATUS_DONE | STATUS_ERROR | STATUS_ERROR_MASK)) | STATUS_BUSY;
         r.dma_cmd = cmd;
-        Some(DmaJob {
+        let job = DmaJob {
             cmd,
             src: r.dma_src,
             dst: r.dma_dst,
@@ -73,7 +117,17 @@ impl Core {
             vector: r.dma_vector as usize,
             bus_master: self.config.bus_master(),
             generation: self.generation,
-        })
+        };
+        if self.run != RunMode::Running {
+            log::info!(
+                "DMA latched while {:?}: it starts on return to RUNNING",
+                self.run
+            );
+            self.queued = Some(job);
+            return None;
+        }
+        self.dma_jobs += 1;
+        Some(job)
     }
 
     /// Finishes `job`: status, counter, internal state, then the completion interrupt.

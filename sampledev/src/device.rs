@@ -3,10 +3,10 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use vfio_user::vfio::*;
-use vfio_user::{DeviceInfo, DmaMap, IrqInfo, IrqSet, RegionInfo};
+use vfio_user::{DeviceInfo, DmaMap, IrqInfo, IrqSet, RegionCap, RegionInfo};
 
 use crate::config::CONFIG_SIZE;
 use crate::core::Core;
@@ -14,12 +14,20 @@ use crate::dma::DmaSpace;
 use crate::engine::Engine;
 use crate::error::Refusal;
 use crate::irqs;
-use crate::regs::BAR0_SIZE;
+use crate::mig::Migration;
+use crate::mig::v1::{V1_REGION_INDEX, V1_REGION_SIZE};
+use crate::options::{DeviceOptions, MigMode};
+use crate::regs::{
+    BAR0_SIZE, MIG_CAPS_DIRTY_LOG, MIG_CAPS_FLAGS_SHIFT, MIG_CAPS_MODE_V1, MIG_CAPS_MODE_V2,
+};
 
-/// State shared with the DMA engine. Lock order: `dma` before `core`.
+/// State shared with the DMA engine. Lock order: `dma`, then `mig`, then `core`.
 pub struct Shared {
     pub core: Mutex<Core>,
     pub dma: Mutex<DmaSpace>,
+    pub mig: Mutex<Migration>,
+    /// Signalled (with `core`) when the engine finishes a job: quiescing arcs wait on it.
+    pub idle: Condvar,
 }
 
 /// A poisoned lock only means another thread panicked; the data is still consistent enough
@@ -29,37 +37,60 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub struct Device {
-    shared: Arc<Shared>,
-    engine: Engine,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) engine: Engine,
+    pub(crate) opts: DeviceOptions,
 }
 
 impl Device {
-    pub fn new(state_size: u64) -> io::Result<Device> {
+    pub fn new(opts: &DeviceOptions) -> io::Result<Device> {
+        let mut core = Core::new(opts.state_size);
+        let mig = Migration::new(opts);
+        core.mig.caps = mig_caps(opts);
+        mig.publish(&mut core);
         let shared = Arc::new(Shared {
-            core: Mutex::new(Core::new(state_size)),
+            core: Mutex::new(core),
             dma: Mutex::new(DmaSpace::default()),
+            mig: Mutex::new(mig),
+            idle: Condvar::new(),
         });
         let engine = Engine::start(shared.clone())?;
-        Ok(Device { shared, engine })
+        Ok(Device {
+            shared,
+            engine,
+            opts: opts.clone(),
+        })
+    }
+
+    fn v1(&self) -> bool {
+        self.opts.mode == MigMode::V1
     }
 
     pub fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
             argsz: DeviceInfo::SIZE,
             flags: VFIO_DEVICE_FLAGS_RESET | VFIO_DEVICE_FLAGS_PCI,
-            num_regions: VFIO_PCI_NUM_REGIONS,
+            num_regions: VFIO_PCI_NUM_REGIONS + u32::from(self.v1()),
             num_irqs: VFIO_PCI_NUM_IRQS,
         }
     }
 
     pub fn region_info(&self, index: u32) -> Result<RegionInfo, Refusal> {
-        let (size, flags) = region(index)?;
+        let (size, flags) = region(index, self.v1())?;
+        let caps = if index == V1_REGION_INDEX {
+            vec![RegionCap::Type {
+                region_type: VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+                subtype: VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
+            }]
+        } else {
+            Vec::new()
+        };
         Ok(RegionInfo {
             index,
             flags,
             size,
             offset: 0,
-            caps: Vec::new(),
+            caps,
             fd: None,
         })
     }
@@ -69,7 +100,16 @@ impl Device {
     }
 
     pub fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Refusal> {
-        check_access(index, offset, buf.len(), VFIO_REGION_INFO_FLAG_READ)?;
+        check_access(
+            index,
+            offset,
+            buf.len(),
+            VFIO_REGION_INFO_FLAG_READ,
+            self.v1(),
+        )?;
+        if index == V1_REGION_INDEX {
+            return self.v1_read(offset, buf);
+        }
         let mut core = lock(&self.shared.core);
         match index {
             VFIO_PCI_BAR0_REGION_INDEX => core.bar0_read(offset, buf),
@@ -79,7 +119,16 @@ impl Device {
     }
 
     pub fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Refusal> {
-        check_access(index, offset, data.len(), VFIO_REGION_INFO_FLAG_WRITE)?;
+        check_access(
+            index,
+            offset,
+            data.len(),
+            VFIO_REGION_INFO_FLAG_WRITE,
+            self.v1(),
+        )?;
+        if index == V1_REGION_INDEX {
+            return self.v1_write(offset, data);
+        }
         let job = {
             let mut core = lock(&self.shared.core);
             match index {
@@ -109,10 +158,14 @@ impl Device {
         irqs::set_irqs(&mut lock(&self.shared.core), set, fds)
     }
 
-    /// Function-level reset; waits for in-flight DMA so none lands after it.
+    /// Function-level reset; waits for in-flight DMA so none lands after it. Leaves ERROR
+    /// and any migration session: the device is RUNNING afterwards.
     pub fn reset(&self) {
         let _dma = lock(&self.shared.dma);
-        lock(&self.shared.core).reset();
+        let mut mig = lock(&self.shared.mig);
+        let mut core = lock(&self.shared.core);
+        core.reset();
+        mig.reset(&mut core);
         log::info!("device reset");
     }
 
@@ -123,25 +176,41 @@ impl Device {
         lock(&self.shared.core).msix.clear_triggers();
     }
 
-    /// The device state, for inspection (and later for migration).
+    /// The device state, for inspection.
     pub fn core(&self) -> MutexGuard<'_, Core> {
         lock(&self.shared.core)
     }
 }
 
 /// Size and access flags of region `index`; regions the function lacks have size 0.
-fn region(index: u32) -> Result<(u64, u32), Refusal> {
+fn region(index: u32, v1: bool) -> Result<(u64, u32), Refusal> {
     let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
     match index {
         VFIO_PCI_BAR0_REGION_INDEX => Ok((BAR0_SIZE, rw)),
         VFIO_PCI_CONFIG_REGION_INDEX => Ok((CONFIG_SIZE as u64, rw)),
         i if i < VFIO_PCI_NUM_REGIONS => Ok((0, 0)),
+        V1_REGION_INDEX if v1 => Ok((V1_REGION_SIZE, rw)),
         _ => Err(Refusal::inval(format!("no region {index}"))),
     }
 }
 
-fn check_access(index: u32, offset: u64, len: usize, need: u32) -> Result<(), Refusal> {
-    let (size, flags) = region(index)?;
+/// The MIG_CAPS register.
+fn mig_caps(o: &DeviceOptions) -> u64 {
+    let mode = match o.mode {
+        MigMode::None => 0,
+        MigMode::V1 => MIG_CAPS_MODE_V1,
+        MigMode::V2 => MIG_CAPS_MODE_V2 | (o.v2_flags << MIG_CAPS_FLAGS_SHIFT),
+    };
+    let log = if o.dma_logging() {
+        MIG_CAPS_DIRTY_LOG
+    } else {
+        0
+    };
+    mode | log
+}
+
+fn check_access(index: u32, offset: u64, len: usize, need: u32, v1: bool) -> Result<(), Refusal> {
+    let (size, flags) = region(index, v1)?;
     if flags & need == 0 {
         return Err(Refusal::inval(format!(
             "region {index} does not allow this access"

@@ -7,6 +7,7 @@ use std::ptr;
 
 use vfio_user::{DmaMap, DmaProt};
 
+use crate::dirtylog::DirtyLog;
 use crate::error::Refusal;
 
 /// A client may not make the server hold more mappings than this.
@@ -93,6 +94,8 @@ impl Mapping {
 #[derive(Default)]
 pub struct DmaSpace {
     maps: Vec<Mapping>,
+    /// DMA logging, when started: every successful write is recorded.
+    pub log: Option<DirtyLog>,
 }
 
 impl DmaSpace {
@@ -158,14 +161,18 @@ impl DmaSpace {
     }
 
     /// Copies `data` to client memory at `iova`; nothing is written unless all of it fits.
-    pub fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaFault> {
+    pub fn write(&mut self, iova: u64, data: &[u8]) -> Result<(), DmaFault> {
         self.check(iova, data.len() as u64, true)?;
         self.walk(iova, data.len() as u64, true, |host, pos, n| {
             // SAFETY: walk() hands out host pointers to n bytes inside a live mapping of
             // ours, and data[pos..pos+n] is in bounds. The client may write the same memory
             // concurrently; like a real device we make no promise about such races.
             unsafe { ptr::copy_nonoverlapping(data.as_ptr().add(pos), host, n) }
-        })
+        })?;
+        if let Some(log) = &mut self.log {
+            log.mark(iova, data.len() as u64);
+        }
+        Ok(())
     }
 
     /// Copies client memory at `iova` into `out`.
@@ -267,7 +274,7 @@ mod tests {
 
     #[test]
     fn writes_land_in_the_file_and_bounds_hold() {
-        let (s, f) = space_with(0x10000, 0x2000, DmaProt::READ_WRITE);
+        let (mut s, f) = space_with(0x10000, 0x2000, DmaProt::READ_WRITE);
         s.write(0x10ffc, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
         let mut b = [0u8; 8];
         f.read_exact_at(&mut b, 0xffc).unwrap();

@@ -48,7 +48,7 @@ impl DmaJob {
     }
 
     /// Moves the bytes; every range is checked in full first, so a fault writes nothing.
-    fn run(&self, dma: &DmaSpace) -> Result<(), ErrorCode> {
+    fn run(&self, dma: &mut DmaSpace) -> Result<(), ErrorCode> {
         let fault = |e| {
             log::info!("{e}");
             ErrorCode::DmaFault
@@ -123,16 +123,20 @@ impl Drop for Engine {
 
 fn worker(shared: Arc<Shared>, rx: Receiver<DmaJob>) {
     for job in rx {
-        let result = job.validate().and_then(|()| {
-            // Holding the DMA space for the whole run is what makes DMA_UNMAP and reset
-            // wait for in-flight DMA, as the protocol requires.
-            let dma = lock(&shared.dma);
-            if lock(&shared.core).generation != job.generation {
-                return Ok(());
-            }
-            job.run(&dma)
-        });
-        lock(&shared.core).complete(&job, result);
+        // Holding the DMA space through the run and completion is what makes DMA_UNMAP and
+        // reset wait for in-flight DMA, completion interrupt included.
+        let mut dma = lock(&shared.dma);
+        let current = lock(&shared.core).generation == job.generation;
+        let result = current.then(|| job.validate().and_then(|()| job.run(&mut dma)));
+        let mut core = lock(&shared.core);
+        match result {
+            Some(r) => core.complete(&job, r),
+            None => log::debug!("dropping a DMA started before reset or restore"),
+        }
+        // Arcs into P2P and STOP wait for this to reach zero.
+        core.dma_jobs = core.dma_jobs.saturating_sub(1);
+        drop(core);
+        shared.idle.notify_all();
     }
 }
 

@@ -1,13 +1,15 @@
 //! The command dispatch table: one handler per vfio-user command, each decoding its payload,
-//! calling the device and encoding the reply. Migration (DEVICE_FEATURE=16,
-//! MIG_DATA_READ=17, MIG_DATA_WRITE=18) slots in as further table entries.
+//! calling the device and encoding the reply.
 
 use vfio_user::{
-    Capabilities, Command, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, IrqSet, MAX_DATA_XFER_SIZE,
-    MAX_MSG_FDS, RegionAccess, RegionInfoRequest, Request, Version,
+    Capabilities, Command, DeviceFeature, DeviceInfo, DmaMap, DmaUnmap, IrqInfo, IrqSet,
+    MAX_DATA_XFER_SIZE, MAX_MSG_FDS, MIG_DATA_HEADER_SIZE, MigDataRead, RegionAccess,
+    RegionInfoRequest, Request, Version, decode_mig_data, encode_mig_data,
 };
 
 use crate::error::Refusal;
+use crate::features;
+use crate::options::MigMode;
 use crate::session::{Reply, Session};
 
 type Handler = fn(&mut Session<'_>, Request) -> Result<Reply, Refusal>;
@@ -28,6 +30,9 @@ const HANDLERS: &[(Command, Handler)] = &[
     (Command::RegionRead, region_read),
     (Command::RegionWrite, region_write),
     (Command::DeviceReset, reset),
+    (Command::DeviceFeature, device_feature),
+    (Command::MigDataRead, mig_data_read),
+    (Command::MigDataWrite, mig_data_write),
 ];
 
 pub fn dispatch(s: &mut Session<'_>, req: Request) -> Result<Reply, Refusal> {
@@ -145,5 +150,47 @@ fn reset(s: &mut Session<'_>, req: Request) -> Result<Reply, Refusal> {
         return Err(Refusal::inval("DEVICE_RESET carries no payload"));
     }
     s.device.reset();
+    Ok(Reply::default())
+}
+
+fn device_feature(s: &mut Session<'_>, req: Request) -> Result<Reply, Refusal> {
+    let f = DeviceFeature::decode(&req.payload)?;
+    let data = features::handle(s.device, &f)?;
+    let reply = DeviceFeature {
+        argsz: (DeviceFeature::HEADER_SIZE + data.len()) as u32,
+        flags: f.flags,
+        data,
+    };
+    Ok(Reply::with(reply.encode()))
+}
+
+/// The in-band data stream exists only with migration v2.
+fn require_v2(s: &Session<'_>) -> Result<(), Refusal> {
+    if s.device.mig_mode() == MigMode::V2 {
+        Ok(())
+    } else {
+        Err(Refusal::notsup(
+            "this device has no v2 migration data stream",
+        ))
+    }
+}
+
+fn mig_data_read(s: &mut Session<'_>, req: Request) -> Result<Reply, Refusal> {
+    require_v2(s)?;
+    let r = MigDataRead::decode(&req.payload)?;
+    if r.size == 0 || (r.argsz as usize) < MIG_DATA_HEADER_SIZE + r.size as usize {
+        return Err(Refusal::inval(format!(
+            "MIG_DATA_READ of {} bytes with argsz {}",
+            r.size, r.argsz
+        )));
+    }
+    let data = s.device.mig_data_read(r.size as usize)?;
+    Ok(Reply::with(encode_mig_data(&data)))
+}
+
+fn mig_data_write(s: &mut Session<'_>, req: Request) -> Result<Reply, Refusal> {
+    require_v2(s)?;
+    let data = decode_mig_data(&req.payload)?;
+    s.device.mig_data_write(data)?;
     Ok(Reply::default())
 }

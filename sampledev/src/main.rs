@@ -19,15 +19,19 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<(), ServeError> {
-    let device = Device::new(cli.state_size).map_err(ServeError::Device)?;
+    let opts = cli.device_options().map_err(ServeError::Options)?;
+    let device = Device::new(&opts).map_err(ServeError::Device)?;
     let listener = UnixListener::bind(&cli.socket).map_err(|source| ServeError::Bind {
         path: cli.socket.clone(),
         source,
     })?;
     log::info!(
-        "listening on {} (state size {} bytes)",
+        "listening on {} (state size {} bytes, migration {:?}, flags {:#x}, dirty log {})",
         cli.socket.display(),
-        cli.state_size
+        cli.state_size,
+        opts.mode,
+        opts.v2_flags,
+        opts.dma_logging()
     );
     let result = serve_one(listener, &device);
     // We created the socket file; leave nothing behind.

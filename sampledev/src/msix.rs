@@ -13,16 +13,21 @@ const VECTOR_CTRL_WORD: usize = 3;
 const VECTOR_MASKED: u32 = 1;
 pub const TABLE_SIZE: u64 = VECTORS as u64 * MSIX_ENTRY_SIZE;
 pub const PBA_SIZE: u64 = 8;
+/// Table words: address low/high, data and vector control of each vector.
+pub const TABLE_WORDS: usize = VECTORS * WORDS_PER_ENTRY;
+pub type MsixTable = [u32; TABLE_WORDS];
 
-/// The MSI-X delivery gates that live in config space.
+/// The MSI-X delivery gates: two in config space, one from the migration state.
 #[derive(Debug, Clone, Copy)]
 pub struct MsixControl {
     pub enabled: bool,
     pub function_masked: bool,
+    /// Stopped or P2P-quiesced: the device must not interrupt; vectors stay pending.
+    pub quiesced: bool,
 }
 
 pub struct Msix {
-    table: [u32; VECTORS * WORDS_PER_ENTRY],
+    table: MsixTable,
     pending: u64,
     triggers: Vec<Option<File>>,
 }
@@ -132,7 +137,18 @@ impl Msix {
 
     fn deliverable(&self, vector: usize, ctl: MsixControl) -> bool {
         let masked = self.table[vector * WORDS_PER_ENTRY + VECTOR_CTRL_WORD] & VECTOR_MASKED != 0;
-        ctl.enabled && !ctl.function_masked && !masked
+        ctl.enabled && !ctl.function_masked && !ctl.quiesced && !masked
+    }
+
+    /// The table and pending bits, for a migration snapshot.
+    pub fn snapshot(&self) -> (MsixTable, u64) {
+        (self.table, self.pending)
+    }
+
+    /// Restores what `snapshot` returned; eventfds stay (they are the client's).
+    pub fn restore(&mut self, table: MsixTable, pending: u64) {
+        self.table = table;
+        self.pending = pending & ((1 << VECTORS) - 1);
     }
 }
 
@@ -151,6 +167,7 @@ mod tests {
     const ON: MsixControl = MsixControl {
         enabled: true,
         function_masked: false,
+        quiesced: false,
     };
 
     #[test]
@@ -164,6 +181,20 @@ mod tests {
         assert!(m.table_write(MSIX_ENTRY_SIZE + 12, &0u32.to_le_bytes(), ON));
         assert!(m.pba_read(0, &mut pba));
         assert_eq!(u64::from_le_bytes(pba), 0);
+    }
+
+    #[test]
+    fn quiesced_device_keeps_vectors_pending() {
+        let mut m = Msix::new();
+        let q = MsixControl {
+            quiesced: true,
+            ..ON
+        };
+        assert!(m.table_write(12, &0u32.to_le_bytes(), q));
+        m.signal(0, q);
+        assert_eq!(m.snapshot().1, 1);
+        m.deliver_pending(ON);
+        assert_eq!(m.snapshot().1, 0);
     }
 
     #[test]

@@ -38,3 +38,18 @@ pub fn mutation_index(seed: u64, op: u64, k: u64, words: u64) -> u64 {
 pub fn mutate_word(old: u64, op: u64) -> u64 {
     splitmix64(old ^ op)
 }
+
+/// One step of the word digest used for STATE_DIGEST and the migration stream checksums.
+/// Bijective in both `h` and `w` (xor, then an odd multiplier), so changing any one word of
+/// a sequence always changes the result.
+pub fn mix_word(h: u64, w: u64) -> u64 {
+    (h.rotate_left(23) ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Start value of digests.
+pub const DIGEST_SEED: u64 = 0x5344_5631_6d69_6721;
+
+/// STATE_DIGEST of internal state whose words are `words`.
+pub fn state_digest(words: impl IntoIterator<Item = u64>) -> u64 {
+    words.into_iter().fold(DIGEST_SEED, mix_word)
+}

@@ -18,6 +18,8 @@ pub enum ServeError {
     Accept(io::Error),
     #[error("cannot start the device: {0}")]
     Device(io::Error),
+    #[error("bad options: {0}")]
+    Options(String),
     #[error("client connection dropped: {0}")]
     Protocol(#[from] vfio_user::Error),
 }

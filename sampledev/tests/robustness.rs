@@ -57,8 +57,18 @@ fn bad_requests_are_refused_and_the_device_keeps_working() {
         data: vec![],
     };
     assert_eq!(errno(c.set_irqs_raw(&mask, &[])), libc::EINVAL);
-    let feature = c.request(Command::DeviceFeature, &[0; 8], &[], 64, 0);
-    assert_eq!(errno(feature.map(|_| ())), libc::ENOTSUP);
+    // Feature 0 (PCI_VF_TOKEN) is not a feature of this device: ENOTTY, as in the kernel.
+    let feature = c.request(
+        Command::DeviceFeature,
+        &[8, 0, 0, 0, 0, 0, 2, 0],
+        &[],
+        64,
+        0,
+    );
+    assert_eq!(errno(feature.map(|_| ())), libc::ENOTTY);
+    // DMA_READ goes from server to client; sent to the server it is unsupported.
+    let dma_read = c.request(Command::DmaRead, &[0; 16], &[], 64, 0);
+    assert_eq!(errno(dma_read.map(|_| ())), libc::ENOTSUP);
 
     assert_eq!(rd(&c, REG_ID) as u32, ID_MAGIC);
 }
