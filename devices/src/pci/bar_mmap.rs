@@ -85,6 +85,34 @@ struct Slots {
     maps: BTreeMap<u32, Mapping>,
 }
 
+impl Slots {
+    fn take(&mut self) -> Option<u32> {
+        if let Some(s) = self.free.pop() {
+            return Some(s);
+        }
+        (self.next < self.end).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
+/// A fresh shared mapping of `size` bytes of `file` at `offset`; returns its address.
+fn mmap_shared(file: &File, offset: u64, size: u64, writable: bool) -> Result<usize, BarMapError> {
+    let err = |err| BarMapError::Mmap { size, offset, err };
+    let invalid = || err(std::io::ErrorKind::InvalidInput.into());
+    let len = usize::try_from(size).map_err(|_| invalid())?;
+    let off = libc::off_t::try_from(offset).map_err(|_| invalid())?;
+    let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+    let fd = file.as_raw_fd();
+    // SAFETY: a new shared mapping at an address the kernel picks; it aliases no Rust object.
+    let host = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, off) };
+    if host == libc::MAP_FAILED {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(host as usize)
+}
+
 /// [`BarMemoryMapper`] on KVM: slots `first_slot..first_slot+count` are reserved for BARs
 /// (the VMM keeps its RAM slots below).
 pub struct KvmBarMapper {
@@ -139,53 +167,21 @@ impl BarMemoryMapper for KvmBarMapper {
         writable: bool,
     ) -> Result<u64, BarMapError> {
         let mut slots = self.slots();
-        let slot = match slots.free.pop() {
-            Some(s) => s,
-            None if slots.next < slots.end => {
-                slots.next += 1;
-                slots.next - 1
+        let slot = slots.take().ok_or(BarMapError::NoSlot)?;
+        let host = match mmap_shared(file, file_offset, size, writable) {
+            Ok(h) => h,
+            Err(e) => {
+                slots.free.push(slot);
+                return Err(e);
             }
-            None => return Err(BarMapError::NoSlot),
         };
-        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
-        let mmap_err = |err| BarMapError::Mmap {
-            size,
-            offset: file_offset,
-            err,
-        };
-        let len =
-            usize::try_from(size).map_err(|_| mmap_err(std::io::ErrorKind::InvalidInput.into()))?;
-        let off = libc::off_t::try_from(file_offset)
-            .map_err(|_| mmap_err(std::io::ErrorKind::InvalidInput.into()))?;
-        // SAFETY: a fresh shared mapping of the region fd at an address the kernel picks; it
-        // aliases no Rust object.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if host == libc::MAP_FAILED {
-            slots.free.push(slot);
-            return Err(mmap_err(std::io::Error::last_os_error()));
-        }
-        if let Err(err) = self.set_slot(slot, gpa, size, host as usize) {
+        if let Err(err) = self.set_slot(slot, gpa, size, host) {
             // SAFETY: the mapping was created just above and is not in use anywhere.
-            unsafe { libc::munmap(host, len) };
+            unsafe { libc::munmap(host as *mut libc::c_void, size as usize) };
             slots.free.push(slot);
             return Err(BarMapError::Slot { gpa, err });
         }
-        slots.maps.insert(
-            slot,
-            Mapping {
-                host: host as usize,
-                size,
-            },
-        );
+        slots.maps.insert(slot, Mapping { host, size });
         Ok(u64::from(slot))
     }
 

@@ -165,6 +165,24 @@ fn find_msi(raw: &[u8; CONFIG_SPACE_SIZE]) -> Option<(usize, MsiCapability)> {
     (off + cap.size() <= CONFIG_SPACE_SIZE).then_some((off, cap))
 }
 
+/// Checks that the backend is a PCI function and reads its 256-byte configuration header.
+fn read_config_header(
+    backend: &mut dyn VfioBackend,
+) -> Result<[u8; CONFIG_SPACE_SIZE], VfioPciError> {
+    let info = backend.device_info()?;
+    if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
+        return Err(VfioPciError::NotPci(info.flags));
+    }
+    if info.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX
+        || backend.region_info(VFIO_PCI_CONFIG_REGION_INDEX)?.size < CONFIG_SPACE_SIZE as u64
+    {
+        return Err(VfioPciError::NoConfigRegion);
+    }
+    let mut raw = [0u8; CONFIG_SPACE_SIZE];
+    backend.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut raw)?;
+    Ok(raw)
+}
+
 impl VfioPciDevice {
     /// Opens the function behind `backend`. With `intx_gsi`, a device that has an interrupt
     /// pin gets its INTx wired to that IOAPIC pin (and the interrupt line register says so);
@@ -175,27 +193,15 @@ impl VfioPciDevice {
         routing: Arc<dyn MsiRouting>,
         intx_gsi: Option<u32>,
     ) -> Result<Self, VfioPciError> {
-        let info = backend.device_info()?;
-        if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
-            return Err(VfioPciError::NotPci(info.flags));
-        }
-        if info.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX
-            || backend.region_info(VFIO_PCI_CONFIG_REGION_INDEX)?.size < CONFIG_SPACE_SIZE as u64
-        {
-            return Err(VfioPciError::NoConfigRegion);
-        }
-        let mut raw = [0u8; CONFIG_SPACE_SIZE];
-        backend.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut raw)?;
-        let intx_gsi = intx_gsi.filter(|_| raw[INTERRUPT_PIN] != 0);
+        let raw = read_config_header(&mut *backend)?;
+        // INTx only where the device has a pin and the backend can signal it.
         let intx_gsi = match intx_gsi {
-            Some(g) if backend.irq_info(VFIO_PCI_INTX_IRQ_INDEX)?.count > 0 => Some(g),
+            Some(g) if raw[INTERRUPT_PIN] != 0 => {
+                (backend.irq_info(VFIO_PCI_INTX_IRQ_INDEX)?.count > 0).then_some(g)
+            }
             _ => None,
         };
-        let pin = if intx_gsi.is_some() {
-            raw[INTERRUPT_PIN]
-        } else {
-            0
-        };
+        let pin = intx_gsi.map_or(0, |_| raw[INTERRUPT_PIN]);
         let mut shadow = PciConfiguration::new(&header_of(&raw, pin));
         let regions = declare_bars(&mut *backend, &raw, &mut shadow)?;
         let msix = find_msix(&raw, &regions);
