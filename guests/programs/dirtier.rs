@@ -320,6 +320,8 @@ struct Job {
     cpus: u32,
     words: u64,
     passes: u64,
+    /// After the last pass, keep running read-only instead of exiting (`hold=1`).
+    hold: bool,
     hb_ms: u64,
     /// Pages per second for each CPU; 0 = no limit.
     rate_per_cpu: u64,
@@ -408,15 +410,36 @@ fn work(cpu: u32, job: &Job, pacer: &mut Pacer) -> ! {
                 .u(job.plan.total);
         }
         if generation == job.passes {
-            sweep(&job.plan, mine, Sweep::Check, job, generation, pacer);
-            barrier(cpu, job.cpus, generation + 1, pacer);
-            if cpu == 0 {
-                rt::line().s("VERIFY ok pages=").u(job.plan.total);
-                rt::exit(rt::EXIT_OK);
-            }
-            park();
+            verify(cpu, job, generation, pacer);
         }
         generation += 1;
+    }
+}
+
+/// The read-only sweeps after the last pass `generation`: one, then exit 0; with `hold=1`
+/// they repeat forever (heartbeats go on, nothing is written), each ending in a VERIFY line,
+/// so that a guest whose RAM was written once can be migrated and still checked afterwards.
+fn verify(cpu: u32, job: &Job, generation: u64, pacer: &mut Pacer) -> ! {
+    let mut round = generation + 1;
+    loop {
+        sweep(
+            &job.plan,
+            slice(job.plan.total, job.cpus, cpu),
+            Sweep::Check,
+            job,
+            generation,
+            pacer,
+        );
+        barrier(cpu, job.cpus, round, pacer);
+        if cpu == 0 {
+            rt::line().s("VERIFY ok pages=").u(job.plan.total);
+            if !job.hold {
+                rt::exit(rt::EXIT_OK);
+            }
+        } else if !job.hold {
+            park();
+        }
+        round += 1;
     }
 }
 
@@ -463,6 +486,7 @@ fn guest_main(boot: rt::Boot) -> ! {
     let hb_ms = rt::arg_u64(cmd, WHO, "hb_ms", 100, 1, 3_600_000);
     let passes = rt::arg_u64(cmd, WHO, "passes", 0, 0, 1 << 32);
     let words = rt::arg_u64(cmd, WHO, "words", 1, 1, 2);
+    let hold = rt::arg_u64(cmd, WHO, "hold", 0, 0, 1) == 1;
     let cpus = cpu_count(cmd);
 
     let plan = Plan::from_e820(&boot, share);
@@ -479,6 +503,8 @@ fn guest_main(boot: rt::Boot) -> ! {
         .u(passes)
         .s(" words=")
         .u(words)
+        .s(" hold=")
+        .u(hold as u64)
         .s(" cpus=")
         .u(cpus as u64)
         .s(" ram_mib=")
@@ -493,6 +519,7 @@ fn guest_main(boot: rt::Boot) -> ! {
         cpus,
         words,
         passes,
+        hold,
         hb_ms,
         // Rounded up: together the CPUs write at least `rate` pages per second.
         rate_per_cpu: rate.div_ceil(cpus as u64),
