@@ -14,6 +14,9 @@ use vfio_user::vfio::VFIO_PCI_BAR0_REGION_INDEX;
 use vfio_user::{Client, ClientOptions};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+pub mod migrate;
+pub mod rig;
+
 pub struct Server {
     pub child: Child,
     pub socket: PathBuf,
@@ -23,6 +26,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(state_size: &str) -> Server {
+        Self::start_with(state_size, &[])
+    }
+
+    /// Starts sampledev with extra command-line arguments.
+    pub fn start_with(state_size: &str, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("dev.sock");
         let log = dir.path().join("sampledev.log");
@@ -31,6 +39,7 @@ impl Server {
             .arg(&socket)
             .arg("--state-size")
             .arg(state_size)
+            .args(args)
             .env("RUST_LOG", "debug")
             .stderr(File::create(&log).unwrap())
             .stdout(Stdio::null())
