@@ -49,6 +49,12 @@ pub enum Command {
 pub struct ReceiveArgs {
     #[arg(long)]
     pub listen: String,
+    /// The destination's own passthrough devices, matching the source's in order.
+    #[arg(long)]
+    pub vfio: Vec<PathBuf>,
+    #[arg(long)]
+    pub vfio_user: Vec<PathBuf>,
+
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
     /// stdio | file:PATH | null
@@ -92,6 +98,12 @@ pub struct RunArgs {
     /// UNIX socket for the JSON-lines control API.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// Pass a host PCI device through with kernel VFIO (/sys/bus/pci/devices/BDF); repeatable.
+    #[arg(long)]
+    pub vfio: Vec<PathBuf>,
+    /// Pass through the device a vfio-user server (e.g. sampledev) serves on SOCKET; repeatable.
+    #[arg(long)]
+    pub vfio_user: Vec<PathBuf>,
     /// Live-migrate the VM to this HOST:PORT once it runs.
     #[arg(long)]
     pub migrate_to: Option<String>,
@@ -169,4 +181,16 @@ mod tests {
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tty").is_err());
     }
+}
+
+/// The passthrough devices of a command line, kernel VFIO first, each kind in order given.
+pub fn passthrough(
+    vfio: &[PathBuf],
+    vfio_user: &[PathBuf],
+) -> Vec<crate::devices_setup::Passthrough> {
+    use crate::devices_setup::Passthrough;
+    let kernel = vfio.iter().cloned().map(Passthrough::Kernel);
+    kernel
+        .chain(vfio_user.iter().cloned().map(Passthrough::User))
+        .collect()
 }

@@ -2,15 +2,24 @@
 
 use std::sync::{Arc, Mutex};
 
+use std::path::PathBuf;
+
 use devices::bus::{Bus, BusError};
 use devices::legacy::{
     CMOS_BASE, CMOS_LEN, Cmos, EXIT_PORT_BASE, EXIT_PORT_LEN, ExitPort, ExitSignal, I8042,
     I8042_BASE, I8042_LEN, POST_BASE, POST_LEN, PostCode,
 };
+use devices::pci::{
+    DmaRegion, HostBridge, KernelVfioBackend, KernelVfioContainer, KvmMsiRouting,
+    PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, PciConfigIo, PciConfigMmio, PciRoot, PciWindows,
+    VfioBackend, VfioPciDevice, VfioUserBackend,
+};
 use devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN, SerialDevice, SerialError, SerialOutput};
 use migration::state::Migratable;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START};
+use crate::vstate::memory::GuestMemory;
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +32,28 @@ pub enum DeviceSetupError {
     EventFd(std::io::Error),
     #[error("cannot wire IRQ {gsi} to KVM: {err}")]
     Irqfd { gsi: u32, err: kvm_ioctls::Error },
+    #[error("PCI: {0}")]
+    Pci(String),
+    #[error("passthrough device {what}: {err}")]
+    Passthrough { what: String, err: String },
+}
+
+/// A passthrough device on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Passthrough {
+    /// `--vfio /sys/bus/pci/devices/BDF`: kernel VFIO (container/group).
+    Kernel(PathBuf),
+    /// `--vfio-user SOCKET`: a vfio-user server such as sampledev.
+    User(PathBuf),
+}
+
+impl Passthrough {
+    fn describe(&self) -> String {
+        match self {
+            Passthrough::Kernel(p) => format!("--vfio {}", p.display()),
+            Passthrough::User(p) => format!("--vfio-user {}", p.display()),
+        }
+    }
 }
 
 /// The emulated devices, each shared between its bus and the migration code.
@@ -34,6 +65,12 @@ pub struct Devices {
     pub exit_port: Arc<Mutex<ExitPort>>,
     pub cmos: Arc<Mutex<Cmos>>,
     pub post: Arc<Mutex<PostCode>>,
+    pub pci: Arc<PciRoot>,
+    pub pci_config: Arc<Mutex<PciConfigIo>>,
+    pub routing: Arc<KvmMsiRouting>,
+    /// Passthrough devices in command-line order (ids vfio0, vfio1, ...).
+    pub passthrough: Vec<Arc<Mutex<VfioPciDevice>>>,
+    kernel_vfio: Option<Arc<KernelVfioContainer>>,
 }
 
 impl Devices {
@@ -51,21 +88,63 @@ impl Devices {
         let exit_port = Arc::new(Mutex::new(ExitPort::new(exit.clone())));
         let cmos = Arc::new(Mutex::new(Cmos::new()));
         let post = Arc::new(Mutex::new(PostCode::new()));
-        let pio = Bus::new();
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
         pio.insert(COM1_BASE, COM1_LEN, serial.clone())?;
         pio.insert(I8042_BASE, I8042_LEN, i8042.clone())?;
         pio.insert(EXIT_PORT_BASE, EXIT_PORT_LEN, exit_port.clone())?;
         pio.insert(CMOS_BASE, CMOS_LEN, cmos.clone())?;
         pio.insert(POST_BASE, POST_LEN, post.clone())?;
+        let (pci, pci_config) = pci_root(&pio, &mmio)?;
         Ok(Devices {
-            pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            pio,
+            mmio,
             serial,
             i8042,
             exit_port,
             cmos,
             post,
+            pci,
+            pci_config,
+            routing: Arc::new(KvmMsiRouting::new(vm.fd.clone(), true)),
+            passthrough: Vec::new(),
+            kernel_vfio: None,
         })
+    }
+
+    /// Opens a passthrough device, maps guest RAM for its DMA and puts it on the PCI bus.
+    pub fn add_passthrough(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemory,
+        spec: &Passthrough,
+    ) -> Result<(), DeviceSetupError> {
+        let err = |e: &dyn std::fmt::Display| DeviceSetupError::Passthrough {
+            what: spec.describe(),
+            err: e.to_string(),
+        };
+        let backend: Box<dyn VfioBackend> = match spec {
+            Passthrough::User(sock) => {
+                Box::new(VfioUserBackend::connect(sock).map_err(|e| err(&e))?)
+            }
+            Passthrough::Kernel(path) => {
+                let container = match &self.kernel_vfio {
+                    Some(c) => c.clone(),
+                    None => KernelVfioContainer::new(&vm.fd).map_err(|e| err(&e))?,
+                };
+                self.kernel_vfio = Some(container.clone());
+                Box::new(KernelVfioBackend::open(path, container).map_err(|e| err(&e))?)
+            }
+        };
+        let id = format!("vfio{}", self.passthrough.len());
+        let mut dev =
+            VfioPciDevice::new(id, backend, self.routing.clone(), None).map_err(|e| err(&e))?;
+        dev.dma_map(&DmaRegion::from_guest_memory(mem))
+            .map_err(|e| err(&e))?;
+        let dev = Arc::new(Mutex::new(dev));
+        self.pci.add_device(dev.clone()).map_err(|e| err(&e))?;
+        self.passthrough.push(dev);
+        Ok(())
     }
 
     /// Every emulated device, for the migration engine to walk uniformly.
@@ -76,6 +155,35 @@ impl Devices {
             self.exit_port.clone(),
             self.cmos.clone(),
             self.post.clone(),
+            self.pci_config.clone(),
         ]
     }
+}
+
+/// The PCI root with its host bridge, reachable through 0xCF8/0xCFC and ECAM.
+fn pci_root(
+    pio: &Arc<Bus>,
+    mmio: &Arc<Bus>,
+) -> Result<(Arc<PciRoot>, Arc<Mutex<PciConfigIo>>), DeviceSetupError> {
+    let windows = PciWindows {
+        mmio32: (PCI_MMIO_START, PCI_MMIO_SIZE),
+        mmio64: None,
+        io: (0xc000, 0x4000),
+    };
+    let bridge = HostBridge::with_ecam_hint(PCI_ECAM_START)
+        .map_err(|e| DeviceSetupError::Pci(e.to_string()))?;
+    let root = Arc::new(PciRoot::with_host_bridge(
+        mmio.clone(),
+        pio.clone(),
+        windows,
+        bridge,
+    ));
+    let cfg_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
+    pio.insert(PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_LEN, cfg_io.clone())?;
+    mmio.insert(
+        PCI_ECAM_START,
+        PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
+    )?;
+    Ok((root, cfg_io))
 }

@@ -20,16 +20,11 @@ pub const MAX_PD_PAGES: u64 = 64;
 pub const CMDLINE_ADDR: u64 = 0x6_0000;
 pub const CMDLINE_MAX: usize = 4096;
 pub const MPTABLE_ADDR: u64 = EBDA_START;
-// The PCI windows are wired up with the passthrough devices.
 /// ECAM window for PCI configuration space, inside the PCI hole.
-#[allow(dead_code)]
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
-#[allow(dead_code)]
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
 /// 32-bit MMIO window for BARs, inside the PCI hole below the ECAM.
-#[allow(dead_code)]
 pub const PCI_MMIO_START: u64 = 0xc000_0000;
-#[allow(dead_code)]
 pub const PCI_MMIO_SIZE: u64 = PCI_ECAM_START - PCI_MMIO_START;
 
 /// RAM ranges (guest address, length) for a VM with `size` bytes of RAM: one range, or two

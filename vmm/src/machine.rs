@@ -8,7 +8,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
 use crate::boot::{self, BootError, BootSpec, KernelImage};
 use crate::cli::{ReceiveArgs, RunArgs};
-use crate::devices_setup::{DeviceSetupError, Devices};
+use crate::devices_setup::{DeviceSetupError, Devices, Passthrough};
 use crate::event_loop;
 use crate::exit::ExitSignal;
 use crate::migrate::{self, MigrateError, SharedInfo, dest};
@@ -81,7 +81,8 @@ pub fn run(args: &RunArgs) -> Result<i32, MachineError> {
 /// `minivmm receive`: take one incoming migration, then be that VM.
 pub fn receive(args: &ReceiveArgs) -> Result<i32, MigrateError> {
     let stream = dest::accept(&args.listen)?;
-    let (machine, stats) = dest::receive(stream, &args.serial)?;
+    let passthrough = crate::cli::passthrough(&args.vfio, &args.vfio_user);
+    let (machine, stats) = dest::receive(stream, &args.serial, &passthrough)?;
     println!("{}", stats.to_json());
     Ok(serve(
         Arc::new(Mutex::new(machine)),
@@ -137,7 +138,14 @@ impl Machine {
             vcpus: 0,
             mem_size: args.memory,
         };
-        Self::assemble(args.memory, args.vcpus, &args.serial, Some(spec))
+        let passthrough = crate::cli::passthrough(&args.vfio, &args.vfio_user);
+        Self::assemble(
+            args.memory,
+            args.vcpus,
+            &args.serial,
+            &passthrough,
+            Some(spec),
+        )
     }
 
     /// `minivmm receive`: the same VM without a kernel, vCPUs parked until the state arrives.
@@ -145,14 +153,16 @@ impl Machine {
         memory: u64,
         vcpus: u16,
         serial: &SerialOutput,
+        passthrough: &[Passthrough],
     ) -> Result<Self, MachineError> {
-        Self::assemble(memory, vcpus, serial, None)
+        Self::assemble(memory, vcpus, serial, passthrough, None)
     }
 
     fn assemble(
         memory: u64,
         vcpus: u16,
         serial: &SerialOutput,
+        passthrough: &[Passthrough],
         boot_spec: Option<BootSpec>,
     ) -> Result<Self, MachineError> {
         let vm = Vm::new()?;
@@ -164,7 +174,10 @@ impl Machine {
         let ram = Ram::new(memory)?;
         vm.set_ram_slots(&ram)?;
         let exit = ExitSignal::new()?;
-        let devices = Devices::new(&vm, serial, &exit)?;
+        let mut devices = Devices::new(&vm, serial, &exit)?;
+        for p in passthrough {
+            devices.add_passthrough(&vm, &ram.mem, p)?;
+        }
         let (vcpus, cpuid) = create_vcpus(&vm, count)?;
         let incoming = boot_spec.is_none();
         if let Some(spec) = boot_spec {

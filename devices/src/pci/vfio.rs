@@ -80,6 +80,8 @@ pub struct VfioPciDevice {
     mapper: Option<Arc<dyn BarMemoryMapper>>,
     /// Handles of the BAR memory mapped into the guest, by BAR index.
     bar_maps: BTreeMap<usize, Vec<u64>>,
+    /// The backend is gone (vfio-user server died): BAR reads see all ones, writes are dropped.
+    lost: bool,
 }
 
 fn header_of(raw: &[u8; CONFIG_SPACE_SIZE], interrupt_pin: u8) -> PciHeader {
@@ -228,6 +230,7 @@ impl VfioPciDevice {
             irqs,
             mapper: None,
             bar_maps: BTreeMap::new(),
+            lost: false,
         })
     }
 
@@ -236,6 +239,24 @@ impl VfioPciDevice {
     }
 
     /// The backend, e.g. for the migration driver.
+    /// Whether the device's backend has gone away.
+    pub fn is_lost(&self) -> bool {
+        self.lost
+    }
+
+    /// A lost device is reported once, loudly; other failures per access.
+    fn access_failed(&mut self, what: &str, e: &BackendError) {
+        if matches!(e, BackendError::User(u) if u.is_device_lost()) {
+            self.lost = true;
+            log::error!(
+                "passthrough device {} lost ({e}); its BARs now read as all ones",
+                self.id
+            );
+        } else {
+            log::warn!("vfio {}: {what}: {e}", self.id);
+        }
+    }
+
     pub fn backend_mut(&mut self) -> &mut dyn VfioBackend {
         &mut *self.backend
     }
@@ -501,8 +522,10 @@ impl PciDevice for VfioPciDevice {
             return;
         }
         // The PBA included: the device knows what it has pending.
-        if let Err(e) = self.backend.region_read(bar as u32, offset, data) {
-            log::warn!("vfio {}: BAR {bar} read at {offset:#x}: {e}", self.id);
+        if self.lost {
+            data.fill(0xff);
+        } else if let Err(e) = self.backend.region_read(bar as u32, offset, data) {
+            self.access_failed(&format!("BAR {bar} read at {offset:#x}"), &e);
             data.fill(0xff);
         }
     }
@@ -519,8 +542,11 @@ impl PciDevice for VfioPciDevice {
         if matches!(target, Some((true, _))) {
             return;
         }
+        if self.lost {
+            return;
+        }
         if let Err(e) = self.backend.region_write(bar as u32, offset, data) {
-            log::warn!("vfio {}: BAR {bar} write at {offset:#x}: {e}", self.id);
+            self.access_failed(&format!("BAR {bar} write at {offset:#x}"), &e);
         }
     }
 

@@ -15,6 +15,7 @@ use super::PEER_TIMEOUT;
 use super::fault;
 use super::populate::Prefault;
 use super::snapshot::{self, Snapshot, SnapshotError};
+use crate::devices_setup::Passthrough;
 use crate::machine::{Machine, MachineError};
 use devices::serial::SerialOutput;
 
@@ -56,12 +57,13 @@ pub fn accept(listen: &str) -> Result<TcpStream, DestError> {
 pub fn receive(
     stream: TcpStream,
     serial: &SerialOutput,
+    passthrough: &[Passthrough],
 ) -> Result<(Machine, MigrationStats), DestError> {
     let start = Instant::now();
     let mut ch = Channel::new(stream);
     let mut built = None;
     let check = |desc: &VmDescription| -> Result<(), String> {
-        let m = build(desc, serial).map_err(|e| e.to_string())?;
+        let m = build(desc, serial, passthrough)?;
         built = Some(m);
         Ok(())
     };
@@ -90,11 +92,16 @@ pub fn receive(
 }
 
 /// Builds the paused VM the description asks for, refusing what this host cannot match.
-fn build(desc: &VmDescription, serial: &SerialOutput) -> Result<Machine, String> {
+fn build(
+    desc: &VmDescription,
+    serial: &SerialOutput,
+    passthrough: &[Passthrough],
+) -> Result<Machine, String> {
     desc.validate().map_err(|e| e.to_string())?;
     let vcpus =
         u16::try_from(desc.vcpus).map_err(|_| format!("{} vCPUs is too many", desc.vcpus))?;
-    let m = Machine::for_incoming(desc.ram_bytes(), vcpus, serial).map_err(|e| e.to_string())?;
+    let m = Machine::for_incoming(desc.ram_bytes(), vcpus, serial, passthrough)
+        .map_err(|e| e.to_string())?;
     desc.check_compatible(&snapshot::describe(&m))
         .map_err(|e| e.to_string())?;
     Ok(m)

@@ -207,3 +207,68 @@ pub fn assert_contiguous(hb: &[u64]) {
         );
     }
 }
+
+/// The sampledev binary next to minivmm's (built on demand when only minivmm was built).
+pub fn sampledev_bin() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_minivmm"))
+        .parent()
+        .expect("target dir")
+        .to_owned();
+    let bin = dir.join("sampledev");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-p", "sampledev"])
+            .status()
+            .expect("cargo build");
+        assert!(st.success(), "building sampledev failed");
+    }
+    bin
+}
+
+/// A sampledev process serving one vfio-user socket; killed on drop.
+pub struct SampleDev {
+    pub child: Child,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SampleDev {
+    pub fn spawn(args: &[&str]) -> SampleDev {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("sd.sock");
+        let child = Command::new(sampledev_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn sampledev");
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "sampledev did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        SampleDev {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        self.socket.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for SampleDev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
