@@ -53,7 +53,12 @@ impl<'a> Session<'a> {
                     self.conn.send_reply(&hdr, &reply.payload, &fds)?;
                 }
                 Err(r) => {
-                    log::warn!("{name} refused: {r}");
+                    // ENOMSG is pre-copy's routine "nothing to read now", polled for.
+                    if r.errno == libc::ENOMSG {
+                        log::debug!("{name}: {r}");
+                    } else {
+                        log::warn!("{name} refused: {r}");
+                    }
                     self.conn.send_error(&hdr, r.errno)?;
                 }
             }

@@ -1,5 +1,15 @@
 //! The client's migration commands: DEVICE_FEATURE (migration flags, device state, data size,
 //! pre-copy info, DMA logging) and the in-band data stream (MIG_DATA_READ/WRITE).
+//!
+//! Source:
+//!
+//! 1. `set_mig_state(PreCopy)`, then `mig_data_read` until `NotNow`, once per round.
+//! 2. At switchover: `set_mig_state(PreCopyP2p)` (or `RunningP2p`), then `StopCopy`.
+//! 3. `mig_data_read` until `End`; later `Stop`.
+//!
+//! Destination: `set_mig_state(Resuming)`, `mig_data_write` everything, `Stop` (validates),
+//! `RunningP2p`, `Running`. Any failed SET: `get_mig_state`, try `Running`, else `reset`.
+//! sampledev's README spells this out.
 
 use crate::client::Client;
 use crate::error::{CommandName, Error, Result, malformed};

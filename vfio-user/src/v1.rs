@@ -102,8 +102,8 @@ impl V1Region {
         }
     }
 
-    /// One step of the save loop: `None` once pending_bytes is 0, else the next chunk (which
-    /// may be empty in pre-copy when the device has nothing ready).
+    /// One step of the save loop: `None` once pending_bytes is 0 (in stop-and-copy the end;
+    /// in pre-copy nothing for now), else the next chunk.
     pub fn read_chunk(&self, c: &Client) -> Result<Option<Vec<u8>>> {
         if self.pending_bytes(c)? == 0 {
             return Ok(None);

@@ -46,12 +46,11 @@ const RECORD_HEADER_LEN: u64 = crate::mig::stream::RECORD_HEADER;
 const TAIL_LEN: u64 = RECORD_HEADER_LEN * 2 + (SNAPSHOT_WORDS + END_WORDS) as u64 * 8;
 
 impl Saver {
-    /// A session starting now: in pre-copy (`stopped` false) the state starts recording
-    /// which pages change.
+    /// A session starting now; the state starts recording which pages change. Even when
+    /// stopped: a client that writes the STATE window in STOP_COPY (which the uAPI tells it
+    /// not to) still gets a stream that matches the device.
     pub fn new(core: &mut Core, stopped: bool, corrupt: bool) -> Result<Saver, NoMemory> {
-        if !stopped {
-            core.state.start_tracking()?;
-        }
+        core.state.start_tracking()?;
         Ok(Saver {
             stopped,
             out: Vec::new(),
@@ -208,5 +207,18 @@ mod tests {
         assert_eq!(drain(&mut s, &mut core).len() as u64, left);
         assert_eq!(s.remaining(&core), 0);
         assert_eq!(Saver::full_size(&core), initial + TAIL_LEN);
+    }
+
+    #[test]
+    fn change_in_stop_copy_is_still_sent() {
+        let mut core = Core::new(2 * 4096);
+        let mut s = Saver::new(&mut core, true, false).unwrap();
+        let first = s.read(&mut core, 200);
+        core.state.set_word(1, 11).unwrap();
+        let mut stream = first;
+        stream.extend(drain(&mut s, &mut core));
+        let mut l = crate::mig::loader::Loader::new(2 * 4096);
+        l.write(&stream).unwrap();
+        assert_eq!(l.finish().unwrap().1.word(1), 11);
     }
 }
