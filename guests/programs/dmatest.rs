@@ -44,8 +44,12 @@ const MAX_BUFS: usize = 256;
 const MAX_TRACKED: u64 = 1 << 20;
 /// Words verified between two looks at the clock: ~10 ms on the project's host.
 const WORDS_PER_TICK: u64 = 512;
-/// State words read back per state check, besides those the last operation changed.
+/// Per state check, words changed by earlier operations and (mostly) untouched words read
+/// back, besides all those that the operations since the previous check changed.
 const STATE_SAMPLES: u64 = 4;
+/// Most recent operations whose changed words one state check reads back (two MMIO round
+/// trips to the device per word).
+const MAX_CHECKED_OPS: u64 = 256;
 
 /// Interrupts taken on MSI_VECTOR and TIMER_VECTOR, counted by the handlers below.
 static IRQS: AtomicU64 = AtomicU64::new(0);
@@ -375,7 +379,7 @@ impl Test {
             self.total = checksum_step(self.total, sum);
         }
         if self.p.state_every != 0 && round.is_multiple_of(self.p.state_every) {
-            self.check_state(round);
+            self.check_state(round, self.p.bufs * self.p.state_every);
         }
         let mut l = rt::line();
         l.s("DMATEST round ").u(round).s(" ok bufs=").u(self.p.bufs);
@@ -538,34 +542,44 @@ fn bad_word(buf: u64, word: u64, want: u64, got: u64) -> ! {
 }
 
 impl Test {
-    /// Reads back, through STATE_WINDOW, the words the last operation changed and a few
-    /// others picked by `round`, compares them with the model and prints their hash.
-    fn check_state(&mut self, round: u64) {
+    /// Reads back, through STATE_WINDOW, every word the operations of the last `ops_back`
+    /// operations changed, words changed by earlier operations picked by `round`, and
+    /// untouched ones; compares them with the model and prints their hash.
+    fn check_state(&mut self, round: u64, ops_back: u64) {
         let tracked = self.model.tracked();
-        if tracked == 0 {
+        if tracked == 0 || self.ops == 0 {
             return;
         }
         let last = self.counter0 + self.ops;
         let mut hash = 0;
-        for k in 0..sdpattern::MUTATIONS_PER_OP + STATE_SAMPLES {
-            let index = if k < sdpattern::MUTATIONS_PER_OP {
-                self.model.mutation(last, k)
-            } else {
-                splitmix64(round << 8 | k) % tracked
-            };
-            let Some(want) = self.model.expected(index) else {
-                continue;
-            };
-            let got = self.regs.state_word(index);
-            if got != want {
-                let mut l = rt::line();
-                l.s("DMATEST BAD state word=").u(index);
-                l.s(" want=").x(want).s(" got=").x(got);
-                drop(l);
-                rt::exit(rt::EXIT_BAD_PAGE);
+        for op in last + 1 - ops_back.min(self.ops).min(MAX_CHECKED_OPS)..=last {
+            for k in 0..sdpattern::MUTATIONS_PER_OP {
+                hash = self.check_word(self.model.mutation(op, k), hash);
             }
-            hash = checksum_step(hash, splitmix64(index ^ got));
+        }
+        for k in 0..STATE_SAMPLES {
+            let r = splitmix64(round << 8 | k);
+            let earlier = self.counter0 + 1 + r % self.ops;
+            let changed = self.model.mutation(earlier, r >> 62);
+            hash = self.check_word(changed, hash);
+            hash = self.check_word(splitmix64(r) % tracked, hash);
         }
         rt::line().s("DMATEST state hash=").x(hash);
+    }
+
+    /// Compares state word `index` (if the model tracks it) and folds it into `hash`.
+    fn check_word(&self, index: u64, hash: u64) -> u64 {
+        let Some(want) = self.model.expected(index) else {
+            return hash;
+        };
+        let got = self.regs.state_word(index);
+        if got != want {
+            let mut l = rt::line();
+            l.s("DMATEST BAD state word=").u(index);
+            l.s(" want=").x(want).s(" got=").x(got);
+            drop(l);
+            rt::exit(rt::EXIT_BAD_PAGE);
+        }
+        checksum_step(hash, splitmix64(index ^ got))
     }
 }
