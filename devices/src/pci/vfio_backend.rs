@@ -205,6 +205,12 @@ pub trait VfioBackend: Send {
         Ok(None)
     }
 
+    /// The deprecated v1 migration region (type capability 3 / subtype 1) as (region index,
+    /// size), found by its capability; `None` when the device has none.
+    fn migration_region_v1(&mut self) -> Result<Option<(u32, u64)>> {
+        Ok(None)
+    }
+
     /// Moves the device to `state` (the device walks the intermediate arcs).
     fn set_migration_state(&mut self, _state: MigrationState) -> Result<()> {
         Err(BackendError::Unsupported("device migration"))

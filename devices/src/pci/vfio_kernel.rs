@@ -15,7 +15,10 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
-use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_TYPE, vfio_device_info};
+use vfio_bindings::bindings::vfio::{
+    VFIO_BASE, VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+    VFIO_TYPE, vfio_device_info,
+};
 use vfio_ioctls::{
     DmaLoggingRange, VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioRegionInfoCap,
 };
@@ -262,6 +265,17 @@ impl VfioBackend for KernelVfioBackend {
 
     fn migration_features(&mut self) -> Result<Option<u64>> {
         Ok(self.device.query_migration_support()?)
+    }
+
+    fn migration_region_v1(&mut self) -> Result<Option<(u32, u64)>> {
+        let is_v1 = |c: &VfioRegionInfoCap| {
+            matches!(c, VfioRegionInfoCap::Type(t)
+                if t.type_ == VFIO_REGION_TYPE_MIGRATION_DEPRECATED
+                    && t.subtype == VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED)
+        };
+        let found =
+            (0..self.num_regions).find(|&i| self.device.get_region_caps(i).iter().any(is_v1));
+        Ok(found.map(|i| (i, self.device.get_region_size(i))))
     }
 
     fn set_migration_state(&mut self, state: MigrationState) -> Result<()> {

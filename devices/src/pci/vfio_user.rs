@@ -148,6 +148,10 @@ impl VfioBackend for VfioUserBackend {
         Ok(self.client.migration_features()?)
     }
 
+    fn migration_region_v1(&mut self) -> Result<Option<(u32, u64)>> {
+        Ok(vfio_user::V1Region::find(&self.client)?.map(|r| (r.index, r.size)))
+    }
+
     fn set_migration_state(&mut self, state: MigrationState) -> Result<()> {
         let s = MigState::from_u32(state as u32)
             .ok_or_else(|| BackendError::Invalid(format!("{state:?}")))?;
