@@ -287,7 +287,13 @@ impl VfioBackend for KernelVfioBackend {
     }
 
     fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize> {
-        Ok(self.device.read_migration_data(buf)?)
+        match self.device.read_migration_data(buf) {
+            // PRE_COPY's "nothing now" is read() failing with ENOMSG on the data_fd.
+            Err(VfioError::VfioMigrationDataIo(e)) if e.raw_os_error() == Some(libc::ENOMSG) => {
+                Err(BackendError::NoMigrationDataNow)
+            }
+            r => Ok(r?),
+        }
     }
 
     fn precopy_info(&mut self) -> Result<(u64, u64)> {
