@@ -22,7 +22,7 @@ mod sdpattern;
 mod sdregs;
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sdpattern::{StateModel, buffer_seed, checksum_step, fill_word, splitmix64};
 use sdregs::Regs;
@@ -442,6 +442,7 @@ impl Test {
 
     /// Sleeps until `want` MSIs have come in total; false after `irq_ms` without.
     fn wait_irq(&mut self, want: u64) -> bool {
+        ensure_timer();
         let deadline = self.tsc_hz / 1000 * self.p.irq_ms;
         let mut waited = 0;
         while IRQS.load(Ordering::SeqCst) < want {
@@ -453,6 +454,20 @@ impl Test {
         }
         true
     }
+}
+
+/// Restarts the LAPIC timer if it stopped (a VMM that lost the LAPIC state across a
+/// migration), saying so once: without it, a missing MSI would leave `hlt` asleep forever
+/// instead of ending in `no-irq`.
+fn ensure_timer() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if lapic::timer_running() {
+        return;
+    }
+    if !WARNED.swap(true, Ordering::SeqCst) {
+        rt::line().s(WHO).s(": LAPIC timer had stopped; restarted");
+    }
+    lapic::timer_periodic(TIMER_VECTOR, TIMER_COUNT);
 }
 
 fn pba(addr: u64) -> u32 {

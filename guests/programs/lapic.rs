@@ -12,6 +12,7 @@ pub const ICR_LO: u64 = 0x300;
 pub const ICR_HI: u64 = 0x310;
 pub const LVT_TIMER: u64 = 0x320;
 pub const TIMER_INITIAL: u64 = 0x380;
+pub const TIMER_CURRENT: u64 = 0x390;
 pub const TIMER_DIVIDE: u64 = 0x3e0;
 
 pub const ICR_ALL_BUT_SELF: u32 = 0b11 << 18;
@@ -61,6 +62,13 @@ pub fn send_ipi(icr_hi: u32, icr_lo: u32) {
 pub fn eoi() {
     write(EOI, 0);
 }
+
+/// Whether the timer counts and may interrupt: unmasked, with a count running.
+pub fn timer_running() -> bool {
+    read(LVT_TIMER) & LVT_MASKED == 0 && read(TIMER_CURRENT) != 0
+}
+
+const LVT_MASKED: u32 = 1 << 16;
 
 /// Periodic timer interrupts on `vector` every `count` ticks of the bus clock divided by 16.
 pub fn timer_periodic(vector: u8, count: u32) {
