@@ -19,4 +19,7 @@ pub enum MigrationError {
     Dirty(#[from] DirtyError),
     #[error(transparent)]
     Description(#[from] DescriptionError),
+    /// A passthrough device failed during pre-copy (read by the VMM's device hooks).
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
 }
