@@ -200,47 +200,36 @@ fn setup_device(p: &Params) -> (Regs, u64) {
         0 => (bar.base + (1 << 20).max(bar.size)).next_multiple_of(bar.size),
         at => at,
     };
-    if !new.is_multiple_of(bar.size) || (!bar.is_64 && new + bar.size > 1 << 32) {
-        fail(
-            rt::EXIT_SETUP,
-            "bar= is not aligned to BAR0's size or not below 4 GiB",
-        );
+    let fits = bar.is_64 || new.saturating_add(bar.size) <= 1 << 32;
+    if !new.is_multiple_of(bar.size) || !fits || new == bar.base {
+        let why = "bar= is where BAR0 is, not aligned to its size, or not below 4 GiB";
+        fail(rt::EXIT_SETUP, why);
     }
     f.move_memory_bar(0, new, bar.is_64);
     let moved = f.memory_bar(0).map_or(0, |b| b.base);
-    let cmd = f.command();
-    f.set_command(cmd | pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER | pci::COMMAND_INTX_DISABLE);
-    let regs = Regs { base: new };
-    let (id_old, id_new) = (
-        Regs { base: bar.base }.read32(sdregs::ID),
-        regs.read32(sdregs::ID),
-    );
+    let on = pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER | pci::COMMAND_INTX_DISABLE;
+    f.set_command(f.command() | on);
+    check_bar_move(&f, bar.base, new, moved);
+    (Regs { base: new }, setup_msix(&f, new))
+}
+
+/// The device must answer at the BAR's new address only: a VMM that kept the old mapping,
+/// or did not follow the write, fails here rather than in some later DMA.
+fn check_bar_move(f: &pci::Function, old: u64, new: u64, moved: u64) {
+    let id_old = Regs { base: old }.read32(sdregs::ID);
+    let id_new = Regs { base: new }.read32(sdregs::ID);
     let mut l = rt::line();
-    l.s(WHO)
-        .s(": device ")
-        .u(f.device as u64)
-        .s(".")
-        .u(f.function as u64);
-    l.s(" bar0=")
-        .x(bar.base)
-        .s(" size=")
-        .x(bar.size)
-        .s(" moved to ")
-        .x(moved);
-    l.s(" id at old=")
-        .x(id_old as u64)
-        .s(" at new=")
-        .x(id_new as u64);
+    l.s(WHO).s(": device ").u(f.device as u64);
+    l.s(".").u(f.function as u64).s(" bar0=").x(old);
+    l.s(" moved to ").x(moved).s(" id at old=").x(id_old as u64);
+    l.s(" at new=").x(id_new as u64);
     drop(l);
     if moved != new || id_new != sdregs::ID_MAGIC || id_old == sdregs::ID_MAGIC {
-        rt::line()
-            .s("DMATEST error bar-move old=")
-            .x(bar.base)
-            .s(" new=")
-            .x(new);
+        let mut l = rt::line();
+        l.s("DMATEST error bar-move old=").x(old).s(" new=").x(new);
+        drop(l);
         rt::exit(rt::EXIT_DEVICE_ERROR);
     }
-    (regs, setup_msix(&f, new))
 }
 
 /// MSI-X vector 0 -> MSI_VECTOR on this CPU, the others left masked. Enabled with the
