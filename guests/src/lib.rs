@@ -38,7 +38,7 @@ static GUESTS: &[Guest] = &[
     ),
     guest!(
         "dirtier",
-        "writes and verifies RAM pages pass after pass with heartbeats (share= rate= hb_ms= passes= words=)"
+        "writes and verifies RAM pages pass after pass with heartbeats (share= rate= hb_ms= passes= hold= words= cpus=)"
     ),
     guest!(
         "smp",
@@ -46,7 +46,7 @@ static GUESTS: &[Guest] = &[
     ),
     guest!(
         "dmatest",
-        "drives sampledev over PCI: moves BAR0, DMA fills with MSI-X completion, verifies data and device state (rounds= buf_kb= bufs= hb_ms=)"
+        "drives sampledev over PCI: moves BAR0, DMA fills with MSI-X completion, verifies data and device state (rounds= buf_kb= bufs= hb_ms= irq_ms= bar= state_every= state_seed=)"
     ),
 ];
 
