@@ -15,41 +15,232 @@ pub struct Stack<const N: usize>(pub [u8; N]);
 
 static mut BOOT_STACK: Stack<STACK_SIZE> = Stack([0; STACK_SIZE]);
 
-// Entry from minivmm (README "Entry state"): 64-bit mode, interrupts off, RSI = zero page.
+// Two ways in, one Rust entry (README "Entry state" and "Booting under QEMU"):
+// - `_start`, from minivmm: 64-bit mode, interrupts off, RSI = Linux zero page;
+// - `mb_entry32`, from a multiboot loader (QEMU's `-kernel`): 32-bit protected mode, paging off,
+//   EAX = multiboot magic, EBX = multiboot information. It builds an identity map with 2 MiB
+//   pages (in `.boot_pt`, outside `.bss` so that clearing `.bss` cannot pull it from under the
+//   CPU), enters long mode the way minivmm leaves the CPU (same CR0/CR4 bits, GDT selectors
+//   0x10 code and 0x18 data), and joins `_start`'s path.
 // `.bss` is cleared here rather than trusted to be zero so that a loader which copies only the
-// file bytes into reused memory still gives Rust zeroed statics.
+// file bytes into reused memory still gives Rust zeroed statics. The Rust entry gets the boot
+// data's address in RDI and, in RSI, 0 from minivmm or (1 << 32 | EAX) from a multiboot loader.
+//
+// Multiboot v1 header: flags bit 1 asks for the memory map, bit 16 (the "a.out kludge") makes
+// the loader take the load addresses from the header instead of the ELF headers; QEMU refuses
+// ELF64 multiboot images without it. `guest.ld` puts `.multiboot` at the start of the image
+// (file offset 0x1000) and the file bytes contiguous up to `__load_end`.
 global_asm!(
     r#"
+    .pushsection .multiboot, "a", @progbits
+    .balign 4
+mb_header:
+    .long {mb_magic}
+    .long {mb_flags}
+    .long -({mb_magic} + {mb_flags})
+    .long mb_header
+    .long __image_start
+    .long __load_end
+    .long __image_end
+    .long mb_entry32
+    .popsection
+
+    .pushsection .rodata.mb_gdt, "a", @progbits
+    .balign 16
+mb_gdt:
+    .quad 0
+    .quad 0
+    .quad 0x00af9b000000ffff
+    .quad 0x00cf93000000ffff
+mb_gdt_end:
+    .balign 8
+mb_gdtr:
+    .word mb_gdt_end - mb_gdt - 1
+    .long mb_gdt
+    .popsection
+
+    .pushsection .boot_pt, "aw", @nobits
+    .balign 4096
+mb_pml4:
+    .skip 4096
+mb_pdpt:
+    .skip 4096
+mb_pd:
+    .skip 4096 * {max_gib}
+    .popsection
+
     .pushsection .text.start, "ax", @progbits
     .global _start
     .type _start, @function
+    .code64
 _start:
     cli
     cld
-    mov r12, rsi
-    lea rdi, [rip + __bss_start]
-    lea rcx, [rip + __bss_end]
-    sub rcx, rdi
-    xor eax, eax
+    movq %rsi, %r12
+    xorl %r13d, %r13d
+rt_common:
+    leaq __bss_start(%rip), %rdi
+    leaq __bss_end(%rip), %rcx
+    subq %rdi, %rcx
+    xorl %eax, %eax
     rep stosb
-    lea rsp, [rip + {stack} + {stack_size}]
-    xor ebp, ebp
-    mov rdi, r12
+    leaq {stack} + {stack_size}(%rip), %rsp
+    xorl %ebp, %ebp
+    movq %r12, %rdi
+    movq %r13, %rsi
     call {entry}
 2:
     cli
     hlt
     jmp 2b
     .size _start, . - _start
+
+    .code32
+    .global mb_entry32
+    .type mb_entry32, @function
+mb_entry32:
+    cli
+    cld
+    movl %eax, %edi
+    movl %ebx, %esi
+    # GiB to map: 4, or more to cover the end of the highest RAM range in the memory map
+    # (rounded up to a GiB), at most max_gib. Walked before anything in memory is written.
+    movl $4, %ebp
+    cmpl ${mb_boot_magic}, %edi
+    jne .Lmb_sized
+    testl $0x40, (%esi)
+    jz .Lmb_sized
+    movl 48(%esi), %ebx
+    movl 44(%esi), %ecx
+    addl %ebx, %ecx
+.Lmb_entry:
+    leal 24(%ebx), %eax
+    cmpl %ecx, %eax
+    ja .Lmb_sized
+    cmpl $1, 20(%ebx)
+    jne .Lmb_next
+    movl 4(%ebx), %eax
+    movl 8(%ebx), %edx
+    addl 12(%ebx), %eax
+    adcl 16(%ebx), %edx
+    addl $0x3fffffff, %eax
+    adcl $0, %edx
+    shrdl $30, %edx, %eax
+    shrl $30, %edx
+    jnz .Lmb_most
+    cmpl %ebp, %eax
+    jbe .Lmb_next
+    movl %eax, %ebp
+.Lmb_next:
+    addl (%ebx), %ebx
+    addl $4, %ebx
+    jmp .Lmb_entry
+.Lmb_most:
+    movl ${max_gib}, %ebp
+.Lmb_sized:
+    cmpl ${max_gib}, %ebp
+    jbe 1f
+    movl ${max_gib}, %ebp
+1:
+    movl %edi, %ebx
+    # PML4 and PDPT cleared, one PML4 entry, one PDPT entry per GiB, then the page directories.
+    movl $mb_pml4, %edi
+    movl $2048, %ecx
+    xorl %eax, %eax
+    rep stosl
+    movl $mb_pdpt + 3, mb_pml4
+    movl $mb_pdpt, %edi
+    movl $mb_pd + 3, %eax
+    movl %ebp, %ecx
+1:
+    movl %eax, (%edi)
+    addl $4096, %eax
+    addl $8, %edi
+    loop 1b
+    movl $mb_pd, %edi
+    movl %ebp, %ecx
+    shll $9, %ecx
+    movl $0x83, %eax
+    xorl %edx, %edx
+1:
+    movl %eax, (%edi)
+    movl %edx, 4(%edi)
+    addl $8, %edi
+    addl $0x200000, %eax
+    adcl $0, %edx
+    loop 1b
+    # CR4: PAE, OSFXSR, OSXMMEXCPT; EFER.LME; CR0: PE, MP, PG, EM off (as minivmm sets them).
+    movl %cr4, %eax
+    orl $0x620, %eax
+    movl %eax, %cr4
+    movl $mb_pml4, %eax
+    movl %eax, %cr3
+    movl $0xc0000080, %ecx
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    movl %cr0, %eax
+    andl $~4, %eax
+    orl $0x80000003, %eax
+    movl %eax, %cr0
+    lgdt mb_gdtr
+    ljmpl $0x10, $mb_entry64
+    .code64
+mb_entry64:
+    movw $0x18, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    movl %esi, %r12d
+    movl %ebx, %r13d
+    btsq $32, %r13
+    jmp rt_common
+    .size mb_entry32, . - mb_entry32
     .popsection
 "#,
+    mb_magic = const MB_HEADER_MAGIC,
+    mb_flags = const MB_HEADER_FLAGS,
+    mb_boot_magic = const MB_BOOT_MAGIC,
+    max_gib = const MB_MAX_GIB,
     stack = sym BOOT_STACK,
     stack_size = const STACK_SIZE,
     entry = sym rt_entry,
+    options(att_syntax)
 );
 
-extern "C" fn rt_entry(zero_page: u64) -> ! {
-    crate::guest_main(Boot { zero_page })
+/// Multiboot v1 header magic and flags (memory map wanted; a.out kludge: load addresses in the
+/// header).
+const MB_HEADER_MAGIC: u32 = 0x1bad_b002;
+const MB_HEADER_FLAGS: u32 = 1 << 1 | 1 << 16;
+/// What a multiboot loader leaves in EAX.
+const MB_BOOT_MAGIC: u32 = 0x2bad_b002;
+/// The multiboot path maps at most this much: the page directories are reserved in the image.
+const MB_MAX_GIB: u32 = 64;
+
+extern "C" fn rt_entry(info: u64, how: u64) -> ! {
+    let boot = if how >> 32 == 0 {
+        Boot {
+            info,
+            kind: BootKind::Linux,
+        }
+    } else if how as u32 == MB_BOOT_MAGIC {
+        // Firmware (SeaBIOS under QEMU) leaves its last serial line unterminated: end it, so
+        // that the guest's first line starts a line of its own.
+        putc(b'\n');
+        Boot {
+            info,
+            kind: BootKind::Multiboot,
+        }
+    } else {
+        line()
+            .s("boot: entered through the multiboot header, but EAX=")
+            .x(how & 0xffff_ffff)
+            .s(" is not the multiboot magic");
+        exit(EXIT_SETUP)
+    };
+    crate::guest_main(boot)
 }
 
 #[panic_handler]
@@ -323,7 +514,9 @@ impl Drop for Line {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Boot data: the Linux zero page minivmm passes in RSI (README "Entry state").
+// Boot data: the Linux zero page minivmm passes in RSI, or the multiboot information a
+// multiboot loader (QEMU's `-kernel`) passes in EBX. Guests see one interface: the command line
+// and the RAM ranges (README "Entry state", "Booting under QEMU").
 
 const ZP_E820_ENTRIES: u64 = 0x1e8;
 const ZP_CMD_LINE_PTR: u64 = 0x228;
@@ -331,11 +524,28 @@ const ZP_E820_TABLE: u64 = 0x2d0;
 const E820_MAX: usize = 128;
 const CMDLINE_MAX: usize = 4096;
 
+// Multiboot information: flags, and the fields the guests use.
+const MBI_FLAGS: u64 = 0;
+const MBI_CMDLINE: u64 = 16;
+const MBI_MMAP_LENGTH: u64 = 44;
+const MBI_MMAP_ADDR: u64 = 48;
+const MBI_FLAG_CMDLINE: u32 = 1 << 2;
+const MBI_FLAG_MMAP: u32 = 1 << 6;
+
 pub const E820_RAM: u32 = 1;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum BootKind {
+    /// minivmm: Linux boot protocol, `info` is the zero page.
+    Linux,
+    /// A multiboot v1 loader: `info` is the multiboot information structure.
+    Multiboot,
+}
 
 #[derive(Clone, Copy)]
 pub struct Boot {
-    zero_page: u64,
+    info: u64,
+    kind: BootKind,
 }
 
 #[derive(Clone, Copy)]
@@ -345,37 +555,128 @@ pub struct E820Entry {
     pub kind: u32,
 }
 
+fn read_phys<T: Copy>(addr: u64) -> T {
+    // SAFETY: only called for boot data the loader wrote before entry (the zero page, the
+    // multiboot information, its memory map and command line) in identity-mapped memory below
+    // 4 GiB that neither the guest image nor anything the guests write overlaps.
+    unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
+/// A NUL-terminated string of at most `CMDLINE_MAX` bytes at `ptr`, without the NUL.
+fn c_string(ptr: u64) -> &'static [u8] {
+    if ptr == 0 {
+        return &[];
+    }
+    // SAFETY: as for `read_phys`: both loaders put the command line in memory that stays
+    // untouched for the guest's lifetime; reading up to 4 KiB past it stays in mapped RAM.
+    let all = unsafe { core::slice::from_raw_parts(ptr as *const u8, CMDLINE_MAX) };
+    let len = all.iter().position(|&c| c == 0).unwrap_or(CMDLINE_MAX);
+    &all[..len]
+}
+
 impl Boot {
-    fn read<T: Copy>(&self, offset: u64) -> T {
-        // SAFETY: the zero page is a 4 KiB page of identity-mapped guest memory that minivmm
-        // filled before entry and nobody writes afterwards; every offset used is inside it.
-        unsafe { core::ptr::read_unaligned((self.zero_page + offset) as *const T) }
+    pub fn kind(&self) -> BootKind {
+        self.kind
     }
 
-    /// The kernel command line, without its NUL.
+    fn mbi_flags(&self) -> u32 {
+        read_phys(self.info + MBI_FLAGS)
+    }
+
+    /// The kernel command line, without its NUL. A multiboot loader puts the image's path
+    /// first (QEMU and GRUB do); that word is dropped, so both VMMs show the same parameters.
     pub fn cmdline(&self) -> &'static [u8] {
-        let ptr = self.read::<u32>(ZP_CMD_LINE_PTR) as usize;
-        if ptr == 0 {
-            return &[];
+        match self.kind {
+            BootKind::Linux => c_string(read_phys::<u32>(self.info + ZP_CMD_LINE_PTR) as u64),
+            BootKind::Multiboot => {
+                if self.mbi_flags() & MBI_FLAG_CMDLINE == 0 {
+                    return &[];
+                }
+                let all = c_string(read_phys::<u32>(self.info + MBI_CMDLINE) as u64);
+                strip_image_path(all)
+            }
         }
-        // SAFETY: minivmm puts a NUL-terminated string of at most 4 KiB there (README) in
-        // identity-mapped memory that stays untouched for the guest's lifetime.
-        let all = unsafe { core::slice::from_raw_parts(ptr as *const u8, CMDLINE_MAX) };
-        let len = all.iter().position(|&c| c == 0).unwrap_or(CMDLINE_MAX);
-        &all[..len]
     }
 
+    /// Entries of the memory map (e820, or the multiboot map, whose types mean the same).
     pub fn e820_len(&self) -> usize {
-        (self.read::<u8>(ZP_E820_ENTRIES) as usize).min(E820_MAX)
+        match self.kind {
+            BootKind::Linux => {
+                (read_phys::<u8>(self.info + ZP_E820_ENTRIES) as usize).min(E820_MAX)
+            }
+            BootKind::Multiboot => {
+                let mut n = 0;
+                while n < E820_MAX && self.mmap_entry(n).is_some() {
+                    n += 1;
+                }
+                n
+            }
+        }
     }
 
     pub fn e820(&self, i: usize) -> E820Entry {
-        let base = ZP_E820_TABLE + 20 * i as u64;
-        E820Entry {
-            addr: self.read(base),
-            size: self.read(base + 8),
-            kind: self.read(base + 16),
+        match self.kind {
+            BootKind::Linux => {
+                let base = self.info + ZP_E820_TABLE + 20 * i as u64;
+                E820Entry {
+                    addr: read_phys(base),
+                    size: read_phys(base + 8),
+                    kind: read_phys(base + 16),
+                }
+            }
+            BootKind::Multiboot => self.mmap_entry(i).unwrap_or(E820Entry {
+                addr: 0,
+                size: 0,
+                kind: 0,
+            }),
         }
+    }
+
+    /// Entry `i` of the multiboot memory map. Entries are `size` (u32, not counting itself),
+    /// then base, length (u64) and type (u32); `size` may be larger than 20, so the map is
+    /// walked from its start.
+    fn mmap_entry(&self, i: usize) -> Option<E820Entry> {
+        if self.mbi_flags() & MBI_FLAG_MMAP == 0 {
+            return None;
+        }
+        let start = read_phys::<u32>(self.info + MBI_MMAP_ADDR) as u64;
+        let end = start + read_phys::<u32>(self.info + MBI_MMAP_LENGTH) as u64;
+        let mut at = start;
+        for k in 0.. {
+            if at + 24 > end {
+                return None;
+            }
+            if k == i {
+                return Some(E820Entry {
+                    addr: read_phys(at + 4),
+                    size: read_phys(at + 12),
+                    kind: read_phys(at + 20),
+                });
+            }
+            at += 4 + read_phys::<u32>(at) as u64;
+        }
+        None
+    }
+}
+
+/// The command line without a leading image path: the first word goes if it is not a
+/// `key=value` parameter.
+fn strip_image_path(cmdline: &[u8]) -> &[u8] {
+    let trimmed = match cmdline.iter().position(|c| !c.is_ascii_whitespace()) {
+        Some(p) => &cmdline[p..],
+        None => return &[],
+    };
+    let first_end = trimmed
+        .iter()
+        .position(|c| c.is_ascii_whitespace())
+        .unwrap_or(trimmed.len());
+    if trimmed[..first_end].contains(&b'=') {
+        return trimmed;
+    }
+    let rest = &trimmed[first_end..];
+    match rest.iter().position(|c| !c.is_ascii_whitespace()) {
+        Some(p) => &rest[p..],
+        None => &[],
     }
 }
 

@@ -206,26 +206,71 @@ mod tests {
     }
 
     #[test]
-    fn image_leaves_room_for_a_multiboot_header() {
-        // A later multiboot header goes at the very start of the image, and multiboot loaders
-        // look for it in the first 8 KiB of the file; with the a.out kludge they also load the
-        // file as one contiguous run, so address - file offset must be the same everywhere.
+    fn multiboot_header_describes_the_image() {
+        // QEMU's -kernel finds the header in the first 8 KiB of the file and, with the a.out
+        // kludge (flags bit 16), loads file bytes from the header's offset to
+        // [load_addr, load_end_addr) and clears up to bss_end_addr: that must reproduce
+        // exactly what the PT_LOAD segments describe, so the file image must be contiguous.
         for g in all() {
-            let loads: Vec<_> = phdrs(g.elf)
+            let e = g.elf;
+            let off = (0..0x2000 - 48)
+                .step_by(4)
+                .find(|&o| u32_at(e, o) == 0x1bad_b002)
+                .unwrap_or_else(|| panic!("{}: no multiboot header in the first 8 KiB", g.name));
+            assert_eq!(off, 0x1000, "{}: header not at the image start", g.name);
+            let f = |i: usize| u32_at(e, off + 4 * i);
+            let (flags, sum) = (f(1), f(2));
+            assert_eq!(
+                0x1bad_b002u32.wrapping_add(flags).wrapping_add(sum),
+                0,
+                "{}: checksum",
+                g.name
+            );
+            assert_ne!(flags & 1 << 16, 0, "{}: a.out kludge bit", g.name);
+            assert_ne!(flags & 1 << 1, 0, "{}: memory map wanted", g.name);
+            let (header_addr, load_addr, load_end, bss_end, entry) = (f(3), f(4), f(5), f(6), f(7));
+
+            let loads: Vec<_> = phdrs(e)
                 .into_iter()
-                .filter(|p| p.p_type == PT_LOAD && p.filesz > 0)
+                .filter(|p| p.p_type == PT_LOAD)
                 .collect();
             let first = loads.iter().min_by_key(|p| p.paddr).unwrap();
             assert_eq!(first.paddr, 0x20_0000, "{}: image start", g.name);
-            assert!(first.offset < 0x2000, "{}: image start past 8 KiB", g.name);
-            for p in &loads {
+            let delta = first.paddr - first.offset;
+            for p in loads.iter().filter(|p| p.filesz > 0) {
                 assert_eq!(
                     p.paddr - p.offset,
-                    first.paddr - first.offset,
+                    delta,
                     "{}: file image not contiguous",
                     g.name
                 );
             }
+            let file_end = loads.iter().map(|p| p.paddr + p.filesz).max().unwrap();
+            let mem_end = loads.iter().map(|p| p.paddr + p.memsz).max().unwrap();
+            assert_eq!(load_addr as u64, first.paddr, "{}: load_addr", g.name);
+            assert_eq!(
+                header_addr as u64 - load_addr as u64,
+                off as u64 - first.offset
+            );
+            assert_eq!(load_end as u64, file_end, "{}: load_end_addr", g.name);
+            assert_eq!(bss_end as u64, mem_end, "{}: bss_end_addr", g.name);
+            assert!(
+                file_end - delta <= e.len() as u64,
+                "{}: load_end_addr past the end of the file",
+                g.name
+            );
+            assert!(
+                loads.iter().any(|p| p.flags & PF_X != 0
+                    && (p.vaddr..p.vaddr + p.memsz).contains(&(entry as u64))),
+                "{}: multiboot entry {entry:#x} not in an executable PT_LOAD",
+                g.name
+            );
+            assert_ne!(
+                entry as u64,
+                u64_at(e, 0x18),
+                "{}: 32-bit entry is not _start",
+                g.name
+            );
         }
     }
 }
