@@ -171,7 +171,8 @@ fn handle(cmd: &str, req: &Value, machine: &SharedMachine, exit: &ExitSignal) ->
     }
 }
 
-/// `migrate`: {"cmd":"migrate","to":"HOST:PORT","downtime_ms":300,"max_bandwidth":N,"timeout":S}
+/// `migrate`: {"cmd":"migrate","to":"HOST:PORT","downtime_ms":300,"max_bandwidth":N,"timeout":S,
+/// "force_dirty_dma":false}
 fn start_migration(m: &Machine, machine: &SharedMachine, req: &Value) -> Value {
     let Some(to) = req.get("to").and_then(Value::as_str) else {
         return error("migrate needs \"to\": \"HOST:PORT\"");
@@ -188,6 +189,9 @@ fn start_migration(m: &Machine, machine: &SharedMachine, req: &Value) -> Value {
         downtime_ms: num("downtime_ms", 300),
         max_bandwidth: req.get("max_bandwidth").and_then(Value::as_u64),
         timeout: num("timeout", 600),
+        // `minivmm ctl ... force_dirty_dma` sends the string "true".
+        force_dirty_dma: matches!(req.get("force_dirty_dma"), Some(Value::Bool(true)))
+            || req.get("force_dirty_dma").and_then(Value::as_str) == Some("true"),
     };
     migrate::spawn(
         machine.clone(),
@@ -208,6 +212,9 @@ pub fn migrate_client(path: &Path, to: &str, t: &MigrationTuning) -> Result<i32,
     ];
     if let Some(b) = t.max_bandwidth {
         args.push(format!("max_bandwidth={b}"));
+    }
+    if t.force_dirty_dma {
+        args.push("force_dirty_dma=true".into());
     }
     let reply = request(path, "migrate", &args)?;
     if reply.get("ok").and_then(Value::as_bool) != Some(true) {

@@ -30,7 +30,11 @@ pub enum Command {
         args: Vec<String>,
     },
     /// List the embedded test guests.
-    Guests,
+    Guests {
+        /// Also write each guest's ELF image to DIR/NAME.elf (e.g. for QEMU's -kernel).
+        #[arg(long, value_name = "DIR")]
+        extract: Option<PathBuf>,
+    },
     /// Wait for one live migration on HOST:PORT, then run the VM it brings.
     Receive(ReceiveArgs),
     /// Live-migrate the VM of a running minivmm (found by its control socket) to a destination.
@@ -73,6 +77,10 @@ pub struct MigrationTuning {
     /// Give up (the guest keeps running on the source) after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout: u64,
+    /// Migrate passthrough devices that cannot report their DMA writes anyway, treating all
+    /// their DMA-mapped RAM as dirty on every pass (otherwise such a device blocks migration).
+    #[arg(long)]
+    pub force_dirty_dma: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -154,6 +162,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(bad)
 }
 
+/// The passthrough devices of a command line, kernel VFIO first, each kind in order given.
+pub fn passthrough(
+    vfio: &[PathBuf],
+    vfio_user: &[PathBuf],
+) -> Vec<crate::devices_setup::Passthrough> {
+    use crate::devices_setup::Passthrough;
+    let kernel = vfio.iter().cloned().map(Passthrough::Kernel);
+    kernel
+        .chain(vfio_user.iter().cloned().map(Passthrough::User))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,16 +201,4 @@ mod tests {
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tty").is_err());
     }
-}
-
-/// The passthrough devices of a command line, kernel VFIO first, each kind in order given.
-pub fn passthrough(
-    vfio: &[PathBuf],
-    vfio_user: &[PathBuf],
-) -> Vec<crate::devices_setup::Passthrough> {
-    use crate::devices_setup::Passthrough;
-    let kernel = vfio.iter().cloned().map(Passthrough::Kernel);
-    kernel
-        .chain(vfio_user.iter().cloned().map(Passthrough::User))
-        .collect()
 }

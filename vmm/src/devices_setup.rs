@@ -70,6 +70,8 @@ pub struct Devices {
     pub routing: Arc<KvmMsiRouting>,
     /// Passthrough devices in command-line order (ids vfio0, vfio1, ...).
     pub passthrough: Vec<Arc<Mutex<VfioPciDevice>>>,
+    /// How each passthrough device was given (`--vfio-user PATH`), for messages.
+    pub passthrough_specs: Vec<String>,
     kernel_vfio: Option<Arc<KernelVfioContainer>>,
 }
 
@@ -108,6 +110,7 @@ impl Devices {
             pci_config,
             routing: Arc::new(KvmMsiRouting::new(vm.fd.clone(), true)),
             passthrough: Vec::new(),
+            passthrough_specs: Vec::new(),
             kernel_vfio: None,
         })
     }
@@ -144,6 +147,7 @@ impl Devices {
         let dev = Arc::new(Mutex::new(dev));
         self.pci.add_device(dev.clone()).map_err(|e| err(&e))?;
         self.passthrough.push(dev);
+        self.passthrough_specs.push(spec.describe());
         Ok(())
     }
 

@@ -6,13 +6,15 @@ use std::time::Instant;
 
 use migration::MigrationError;
 use migration::description::VmDescription;
-use migration::protocol::{Channel, DestTimings, Message, ProtocolError};
+use migration::protocol::{Channel, DestTimings, DevicePhase, Message, ProtocolError, features};
 use migration::recv::MemoryReceiver;
 use migration::session::{abandon, dest_confirm, dest_handshake, dest_ready};
 use migration::stats::{MigrationStats, Status};
 
 use super::PEER_TIMEOUT;
 use super::fault;
+use super::passthrough::DeviceError;
+use super::passthrough_dest::DestDevices;
 use super::populate::Prefault;
 use super::snapshot::{self, Snapshot, SnapshotError};
 use crate::devices_setup::Passthrough;
@@ -37,6 +39,8 @@ pub enum DestError {
     Abandoned(String),
     #[error("vCPU state index {0} out of range or repeated")]
     BadVcpu(u32),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 /// Waits for one source on `listen` and returns the accepted, configured connection.
@@ -63,16 +67,16 @@ pub fn receive(
     let mut ch = Channel::new(stream);
     let mut built = None;
     let check = |desc: &VmDescription| -> Result<(), String> {
-        let m = build(desc, serial, passthrough)?;
-        built = Some(m);
+        built = Some(build(desc, serial, passthrough)?);
         Ok(())
     };
-    let (desc, _) = dest_handshake(&mut ch, 0, check)?;
+    let (desc, _) = dest_handshake(&mut ch, features::ALL, check)?;
     fault::crash_point("description");
-    let mut m = built.ok_or_else(|| ProtocolError::Refused("VM not built".into()))?;
+    let (mut m, mut devs) = built.ok_or_else(|| ProtocolError::Refused("VM not built".into()))?;
     let mut stats = MigrationStats::new(desc.ram_bytes());
     stats.setup_time = start.elapsed().as_millis() as u64;
-    let result = load(&mut ch, &m, &mut stats).and_then(|timings| resume(&mut ch, &mut m, timings));
+    let result = load(&mut ch, &m, &mut devs, &mut stats)
+        .and_then(|timings| resume(&mut ch, &mut m, &mut devs, timings));
     match result {
         Ok(()) => {
             stats.status = Status::Completed;
@@ -84,6 +88,7 @@ pub fn receive(
             if !matches!(e, DestError::Abandoned(_)) {
                 abandon(&mut ch, &e.to_string());
             }
+            devs.abort();
             // Dropping the machine joins its (parked) vCPU threads.
             drop(m);
             Err(e)
@@ -91,26 +96,36 @@ pub fn receive(
     }
 }
 
-/// Builds the paused VM the description asks for, refusing what this host cannot match.
+/// Builds the paused VM the description asks for, refusing what this host cannot match, and
+/// takes its passthrough devices to RESUMING before any data arrives.
 fn build(
     desc: &VmDescription,
     serial: &SerialOutput,
     passthrough: &[Passthrough],
-) -> Result<Machine, String> {
+) -> Result<(Machine, DestDevices), String> {
     desc.validate().map_err(|e| e.to_string())?;
     let vcpus =
         u16::try_from(desc.vcpus).map_err(|_| format!("{} vCPUs is too many", desc.vcpus))?;
     let m = Machine::for_incoming(desc.ram_bytes(), vcpus, serial, passthrough)
         .map_err(|e| e.to_string())?;
-    desc.check_compatible(&snapshot::describe(&m))
+    let pt = &m.devices;
+    let specs = pt.passthrough_specs.iter().cloned();
+    let mut devs = DestDevices::probe(specs.zip(pt.passthrough.iter().cloned()).collect())
         .map_err(|e| e.to_string())?;
-    Ok(m)
+    desc.check_compatible(&snapshot::describe(&m, devs.descriptions()))
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = devs.start_resuming() {
+        devs.abort();
+        return Err(e.to_string());
+    }
+    Ok((m, devs))
 }
 
 /// Takes memory and state messages until `Complete`, then restores the state.
 fn load(
     ch: &mut Channel<TcpStream>,
     m: &Machine,
+    devs: &mut DestDevices,
     stats: &mut MigrationStats,
 ) -> Result<DestTimings, DestError> {
     let prefault = Prefault::start(&m.ram.mem);
@@ -143,6 +158,11 @@ fn load(
             }
             Some(Message::VmState { data }) => snap.vm = data,
             Some(Message::DeviceState { device, data }) => snap.devices.push((device, data)),
+            Some(Message::DeviceData {
+                device,
+                phase,
+                data,
+            }) => device_data(ch, devs, device, phase, &data)?,
             Some(Message::Complete) => {
                 fault::crash_point("complete");
                 break;
@@ -162,7 +182,11 @@ fn load(
         return Err(DestError::BadVcpu(i as u32));
     }
     let t = Instant::now();
+    devs.finish_loading()?;
+    // Config space and MSI-X go to a device that has its internal state back, and before it
+    // may run.
     snapshot::restore(m, &snap)?;
+    devs.ready()?;
     Ok(DestTimings {
         state_load_us: t.elapsed().as_micros() as u64,
         resume_us: 0,
@@ -174,16 +198,40 @@ fn load(
 fn resume(
     ch: &mut Channel<TcpStream>,
     m: &mut Machine,
+    devs: &mut DestDevices,
     mut timings: DestTimings,
 ) -> Result<(), DestError> {
     fault::corrupt_point("ready", ch.get_mut());
     dest_ready(ch)?;
     fault::crash_point("go");
     let t = Instant::now();
+    devs.run();
     m.vcpus.resume().map_err(MachineError::from)?;
     timings.resume_us = t.elapsed().as_micros() as u64;
     if let Err(e) = dest_confirm(ch, timings) {
         log::warn!("could not confirm the resume to the source: {e}");
+    }
+    Ok(())
+}
+
+/// A chunk of a device's stream goes to the device; an empty pre-copy chunk marks the end of
+/// its initial data, which is then loaded (written): the source may switch over once it
+/// hears so.
+fn device_data(
+    ch: &mut Channel<TcpStream>,
+    devs: &mut DestDevices,
+    device: String,
+    phase: DevicePhase,
+    data: &[u8],
+) -> Result<(), DestError> {
+    if !data.is_empty() {
+        return Ok(devs.write(&device, data)?);
+    }
+    if phase == DevicePhase::PreCopy {
+        if !devs.knows(&device) {
+            return Err(DeviceError::Unknown(device).into());
+        }
+        ch.send(&Message::DeviceAck { device })?;
     }
     Ok(())
 }

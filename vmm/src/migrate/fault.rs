@@ -1,7 +1,8 @@
 //! Fault injection for the failure-safety tests: `MINIVMM_FAULT=<point>` makes this process
 //! die abruptly (exit 1, socket closed by the kernel, no goodbye) when it reaches `<point>`,
-//! or, for `corrupt-<point>`, write a garbage frame to the peer there. Points are named where
-//! they are checked; the tests cover each phase of the protocol with them.
+//! or, for `corrupt-<point>`, write a garbage frame to the peer there; a few points change a
+//! behaviour instead ([`active`]). Points are named where they are checked; the tests cover
+//! each phase of the protocol with them.
 
 use std::io::Write;
 
@@ -25,4 +26,9 @@ pub fn corrupt_point(point: &str, peer: &mut impl Write) {
         let _ = peer.write_all(&[0xde; 64]);
         let _ = peer.flush();
     }
+}
+
+/// Whether the behaviour fault `point` (no crash, no frame: e.g. `skip-dma-log`) is asked for.
+pub fn active(point: &str) -> bool {
+    wanted().as_deref() == Some(point)
 }

@@ -3,10 +3,21 @@
 
 pub mod dest;
 pub mod dirty_kvm;
+pub mod dma_log;
+pub mod driver;
 pub mod fault;
+pub mod passthrough;
+pub mod passthrough_dest;
+pub mod passthrough_source;
 pub mod populate;
 pub mod snapshot;
 pub mod source;
+pub mod v1;
+
+#[cfg(test)]
+mod fake_backend;
+#[cfg(test)]
+mod passthrough_tests;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +31,9 @@ pub struct MigrateOptions {
     pub downtime: Duration,
     pub max_bandwidth: Option<u64>,
     pub timeout: Duration,
+    /// Migrate passthrough devices that cannot log their DMA writes, treating all the RAM
+    /// they can reach as dirty on every pass.
+    pub force_dirty_dma: bool,
 }
 
 impl Default for MigrateOptions {
@@ -29,6 +43,7 @@ impl Default for MigrateOptions {
             downtime: Duration::from_millis(300),
             max_bandwidth: None,
             timeout: Duration::from_secs(600),
+            force_dirty_dma: false,
         }
     }
 }
@@ -64,6 +79,7 @@ pub fn options(to: &str, t: &crate::cli::MigrationTuning) -> MigrateOptions {
         downtime: Duration::from_millis(t.downtime_ms),
         max_bandwidth: t.max_bandwidth,
         timeout: Duration::from_secs(t.timeout),
+        force_dirty_dma: t.force_dirty_dma,
     }
 }
 

@@ -39,8 +39,9 @@ pub struct Snapshot {
     pub devices: Vec<(String, Vec<u8>)>,
 }
 
-/// Describes the machine for the destination's compatibility check.
-pub fn describe(m: &Machine) -> VmDescription {
+/// Describes the machine for the destination's compatibility check; `passthrough` are the
+/// passthrough devices' descriptions, which only their migration drivers know.
+pub fn describe(m: &Machine, passthrough: Vec<DeviceDescription>) -> VmDescription {
     VmDescription {
         ram: m
             .ram
@@ -62,6 +63,7 @@ pub fn describe(m: &Machine) -> VmDescription {
                     ..Default::default()
                 },
             })
+            .chain(passthrough)
             .collect(),
     }
 }

@@ -9,14 +9,16 @@ use std::time::{Duration, Instant};
 use migration::MigrationError;
 use migration::dirty::{DirtyLog, RamSlot, VmmWrites};
 use migration::policy::PolicyConfig;
-use migration::precopy::{Link, NoDevices, PrecopyEnd, PrecopyOptions, final_pass, run_precopy};
-use migration::protocol::{Channel, Message, ProtocolError, ReturnPath};
+use migration::precopy::{Link, PrecopyEnd, PrecopyOptions, final_pass, run_precopy};
+use migration::protocol::{Channel, Message, ProtocolError, ReturnPath, features};
 use migration::ranges::MemoryRange;
 use migration::send::SendOptions;
 use migration::session::{EndError, abandon, source_end, source_handshake};
 use migration::stats::{MigrationStats, Progress, Status, progress_line};
 
 use super::dirty_kvm::KvmDirtyLog;
+use super::passthrough::DeviceError;
+use super::passthrough_source::SourceDevices;
 use super::snapshot::{self, SnapshotError};
 use super::{MigrateOptions, PEER_TIMEOUT, SharedInfo};
 use crate::machine::{Machine, SharedMachine};
@@ -45,6 +47,8 @@ pub enum SourceError {
     Timeout(Duration),
     #[error(transparent)]
     End(#[from] EndError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -76,17 +80,27 @@ pub fn migrate(
     info: &SharedInfo,
 ) -> Result<MigrationStats, SourceError> {
     let start = Instant::now();
-    let (mem, fd, desc) = {
+    let (mem, fd, desc, devices) = {
         let m = lock(shared);
-        (m.ram.mem.clone(), m.vm.fd.clone(), snapshot::describe(&m))
+        let ram: Vec<MemoryRange> = RamSlot::of_memory(&m.ram.mem)
+            .iter()
+            .map(|s| s.range)
+            .collect();
+        // Before anything is sent: a device that cannot migrate stops it here.
+        let devices = SourceDevices::prepare(passthrough_of(&m), &ram, opts.force_dirty_dma)?;
+        let desc = snapshot::describe(&m, devices.descriptions());
+        (m.ram.mem.clone(), m.vm.fd.clone(), desc, devices)
     };
     let stream = connect(&opts.to)?;
     let mut ch = Channel::new(stream.try_clone()?);
-    source_handshake(&mut ch, &desc, 0)?;
+    let granted = source_handshake(&mut ch, &desc, features::ALL)?;
     let rp = ReturnPath::spawn(stream.try_clone()?)?;
     let mut log = DirtyLog::new(RamSlot::of_memory(&mem));
     log.add(Box::new(VmmWrites::new(mem.clone())));
     log.add(Box::new(KvmDirtyLog::new(fd, mem.clone())));
+    for s in devices.dirty_sources(&desc.ram) {
+        log.add(s);
+    }
     let mut stats = MigrationStats::new(desc.ram_bytes());
     stats.setup_time = start.elapsed().as_millis() as u64;
     stats.status = Status::Active;
@@ -99,10 +113,17 @@ pub fn migrate(
         log,
         stats,
         tty: std::io::stderr().is_terminal(),
+        devices,
     };
     let result = run
-        .precopy()
+        .start_devices(granted)
+        .and_then(|()| run.precopy())
         .and_then(|pending| run.switchover(shared, &pending));
+    if result.as_ref().is_err_and(|e| !after_go(e)) {
+        // Before any vCPU of this guest can run again (switchover resumes them only after
+        // the same call): its devices work as before.
+        run.devices.recover();
+    }
     if let Err(e) = run.log.stop() {
         log::warn!("{e}");
     }
@@ -138,6 +159,26 @@ struct Run<'a> {
     log: DirtyLog,
     stats: MigrationStats,
     tty: bool,
+    devices: SourceDevices,
+}
+
+/// Each passthrough device with how it was given on the command line.
+fn passthrough_of(
+    m: &Machine,
+) -> Vec<(
+    String,
+    std::sync::Arc<std::sync::Mutex<devices::pci::VfioPciDevice>>,
+)> {
+    let d = &m.devices;
+    d.passthrough_specs
+        .iter()
+        .cloned()
+        .zip(d.passthrough.iter().cloned())
+        .collect()
+}
+
+fn after_go(e: &SourceError) -> bool {
+    matches!(e, SourceError::End(EndError::AfterGo(_)))
 }
 
 fn publish(info: &SharedInfo, stats: &MigrationStats, progress: String, running: bool) {
@@ -148,6 +189,13 @@ fn publish(info: &SharedInfo, stats: &MigrationStats, progress: String, running:
 }
 
 impl Run<'_> {
+    /// Devices with PRE_COPY enter it, if the destination takes pre-copy data.
+    fn start_devices(&mut self, granted: u64) -> Result<(), SourceError> {
+        let precopy = granted & features::DEVICE_PRECOPY != 0;
+        let ack = granted & features::SWITCHOVER_ACK != 0;
+        Ok(self.devices.enter_precopy(precopy, ack)?)
+    }
+
     /// Sends all RAM, then dirty pages pass after pass until the rest fits the downtime
     /// target; returns the dirty ranges still to send.
     fn precopy(&mut self) -> Result<Vec<MemoryRange>, SourceError> {
@@ -179,7 +227,7 @@ impl Run<'_> {
             &mut self.log,
             link,
             &opts,
-            &mut NoDevices,
+            &mut self.devices,
             &mut self.stats,
             progress,
         )
@@ -207,6 +255,7 @@ impl Run<'_> {
             Ok(()) => {
                 self.stats.set_downtime(paused.elapsed());
                 self.stats.status = Status::Completed;
+                self.devices.release();
                 Ok(())
             }
             Err(SourceError::End(EndError::AfterGo(e))) => {
@@ -216,6 +265,7 @@ impl Run<'_> {
                 Err(SourceError::End(EndError::AfterGo(e)))
             }
             Err(e) => {
+                self.devices.recover();
                 m.vcpus.resume()?;
                 Err(e)
             }
@@ -228,6 +278,9 @@ impl Run<'_> {
         pending: &[MemoryRange],
         paused: Instant,
     ) -> Result<(), SourceError> {
+        self.devices.stop()?;
+        let t_stop = paused.elapsed();
+        // After the devices stopped: their last DMA report is in this pass.
         final_pass(
             &self.mem,
             &mut self.log,
@@ -237,6 +290,9 @@ impl Run<'_> {
             &mut self.stats,
         )?;
         let t_mem = paused.elapsed();
+        let device_bytes = self.devices.send_stop_copy(&mut self.ch)?;
+        self.stats.vfio.transferred += device_bytes;
+        let t_dev = paused.elapsed();
         let snap = snapshot::save(m)?;
         let t_save = paused.elapsed();
         for (index, data) in snap.vcpus.into_iter().enumerate() {
@@ -254,8 +310,12 @@ impl Run<'_> {
         let dest = source_end(&mut self.ch, &self.rp, PEER_TIMEOUT, |_| {})?;
         let b = &mut self.stats.downtime_breakdown_us;
         b.final_memory = t_mem.as_micros() as u64;
-        b.state_save = (t_save - t_mem).as_micros() as u64;
-        b.state_transfer = (t_sent - t_save).as_micros() as u64;
+        b.state_save = (t_save - t_dev).as_micros() as u64;
+        b.state_transfer = (t_sent - t_save + t_dev - t_mem).as_micros() as u64;
+        log::info!(
+            "switchover: devices stopped after {t_stop:?}, memory sent by {t_mem:?}, \
+             {device_bytes} bytes of device stop-copy data by {t_dev:?}"
+        );
         b.state_load = dest.state_load_us;
         b.resume = dest.resume_us;
         Ok(())
