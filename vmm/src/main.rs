@@ -45,12 +45,16 @@ fn main() {
             cmd,
             args,
         } => api::client(&api_sock, &cmd, &args).map_err(Into::into),
-        Command::Guests => {
-            for g in guests::all() {
+        Command::Guests { extract } => guests::all()
+            .iter()
+            .try_for_each(|g| {
                 println!("{:<10} {}", g.name, g.about);
-            }
-            Ok(0)
-        }
+                let Some(dir) = &extract else { return Ok(()) };
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(dir.join(format!("{}.elf", g.name)), g.elf)
+            })
+            .map(|()| 0)
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => std::process::exit(code),
