@@ -378,6 +378,12 @@ fn failed_migration(src_args: &[&str], dst_args: &[&str], dst_env: &[(&str, &str
     let stats = wait_migration_end(&src);
     assert_eq!(stats["status"], "failed", "{stats}");
     assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    let line = dst.stderr();
+    assert_eq!(
+        line.trim().lines().count(),
+        1,
+        "one line from the destination: {line}"
+    );
     assert_rounds_continue(&src, last_round(&src), 2);
     assert_eq!(src.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
     assert_eq!(src.wait_exit(LIMIT).code(), Some(0));

@@ -143,7 +143,8 @@ impl MigratingDevice {
             Ok(s) => format!("{s:?}"),
             Err(e) => format!("unknown ({e})"),
         };
-        log::warn!("{}: SET {target:?} failed: {err}; device in {now}", self.id);
+        // The caller reports the error; a destination must fail with one line.
+        log::info!("{}: SET {target:?} failed: {err}; device in {now}", self.id);
         Err(DeviceError::SetState {
             id: self.id.clone(),
             target,
@@ -166,25 +167,30 @@ impl MigratingDevice {
                 }
             }
         }
-        self.reset();
+        if self.reset() {
+            log::warn!(
+                "{}: reset to recover from a failed migration; the guest's driver must \
+                 reinitialise it",
+                self.label
+            );
+        }
         false
     }
 
     /// VFIO_DEVICE_RESET, then the emulated registers pushed to the device again (command
-    /// bits, MSI-X and its eventfds), which the reset cleared on the device's side.
-    pub fn reset(&mut self) {
+    /// bits, MSI-X and its eventfds), which the reset cleared on the device's side. Returns
+    /// whether the reset worked.
+    pub fn reset(&mut self) -> bool {
         let mut d = lock(&self.dev);
         if let Err(e) = d.backend_mut().reset() {
             log::error!("{}: reset failed: {e}; the device is unusable", self.label);
-            return;
+            return false;
         }
-        log::warn!(
-            "{}: reset to recover from a failed migration; the guest's driver must reinitialise it",
-            self.label
-        );
+        log::info!("{}: reset", self.label);
         let reapplied = d.save_state().and_then(|s| d.restore_state(&s));
         if let Err(e) = reapplied {
             log::error!("{}: re-applying config after the reset: {e}", self.label);
         }
+        true
     }
 }

@@ -34,10 +34,16 @@ impl DestDevices {
     /// stale RESUMING session is closed first so that no old bytes mix with the new stream.
     pub fn start_resuming(&mut self) -> Result<(), DeviceError> {
         for d in &mut self.devs {
-            match d.state()? {
-                MigrationState::Error => d.reset(),
-                MigrationState::Resuming if d.set_state(MigrationState::Stop).is_err() => d.reset(),
-                _ => {}
+            let stuck = match d.state()? {
+                MigrationState::Error => true,
+                MigrationState::Resuming => d.set_state(MigrationState::Stop).is_err(),
+                _ => false,
+            };
+            if stuck && !d.reset() {
+                return Err(DeviceError::Stream {
+                    id: d.id.clone(),
+                    reason: "stuck in a failed state and the reset failed".into(),
+                });
             }
             d.set_state(MigrationState::Resuming)?;
         }
