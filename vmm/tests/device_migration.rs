@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
-const GUEST: &str = "rounds=0 bufs=4";
-/// DMA operations (and interrupts) per dmatest round: one FILL per buffer.
-const OPS_PER_ROUND: u64 = 4;
+const GUEST: &str = "rounds=0 bufs=16 buf_kb=4";
+/// DMA operations (and interrupts) per dmatest round: one FILL per buffer. Many small
+/// buffers put DMA writes into even a short migration window.
+const OPS_PER_ROUND: u64 = 16;
 
 /// A sampledev process whose log is kept for the strictness check.
 struct Dev {
@@ -70,6 +71,14 @@ impl Dev {
     fn assert_strict(&self) {
         let log = self.log();
         assert!(!log.contains("invalid arcs:"), "invalid arcs:\n{log}");
+    }
+
+    /// Every DMA_LOGGING_START was followed by a STOP (sampledev refuses a second START).
+    fn assert_logging_off(&self) {
+        let log = self.log();
+        let started = log.matches("DMA logging started").count();
+        assert!(started > 0, "DMA logging never started:\n{log}");
+        assert_eq!(started, log.matches("DMA logging stopped").count(), "{log}");
     }
 
     /// The arcs it walked, in order.
@@ -246,6 +255,7 @@ fn migrate_ok(args: &[&str], extra: &str) -> (serde_json::Value, Dev, Dev) {
     assert_contiguous(&heartbeats(&all));
     sd1.assert_strict();
     sd2.assert_strict();
+    sd1.assert_logging_off();
     (stats, sd1, sd2)
 }
 
@@ -390,6 +400,7 @@ fn failed_migration(src_args: &[&str], dst_args: &[&str], dst_env: &[(&str, &str
     assert_contiguous(&heartbeats(&src.lines()));
     sd1.assert_strict();
     sd2.assert_strict();
+    sd1.assert_logging_off();
     // Back to RUNNING, or never left it.
     let arcs = sd1.arcs();
     let last = arcs.last();
@@ -465,6 +476,7 @@ fn destination_dies_during_a_slow_stop_copy() {
     assert_eq!(src.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
     assert_eq!(src.wait_exit(LIMIT).code(), Some(0));
     sd1.assert_strict();
+    sd1.assert_logging_off();
     let arcs = sd1.arcs();
     assert!(arcs.contains(&"STOP_COPY -> STOP".to_owned()), "{arcs:?}");
     assert_eq!(
