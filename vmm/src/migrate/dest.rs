@@ -13,7 +13,7 @@ use migration::stats::{MigrationStats, Status};
 
 use super::PEER_TIMEOUT;
 use super::fault;
-use super::passthrough::DeviceError;
+use super::passthrough::{self, DeviceError};
 use super::passthrough_dest::DestDevices;
 use super::populate::Prefault;
 use super::snapshot::{self, Snapshot, SnapshotError};
@@ -108,10 +108,7 @@ fn build(
         u16::try_from(desc.vcpus).map_err(|_| format!("{} vCPUs is too many", desc.vcpus))?;
     let m = Machine::for_incoming(desc.ram_bytes(), vcpus, serial, passthrough)
         .map_err(|e| e.to_string())?;
-    let pt = &m.devices;
-    let specs = pt.passthrough_specs.iter().cloned();
-    let mut devs = DestDevices::probe(specs.zip(pt.passthrough.iter().cloned()).collect())
-        .map_err(|e| e.to_string())?;
+    let mut devs = DestDevices::probe(passthrough::of_machine(&m)).map_err(|e| e.to_string())?;
     desc.check_compatible(&snapshot::describe(&m, devs.descriptions()))
         .map_err(|e| e.to_string())?;
     if let Err(e) = devs.start_resuming() {

@@ -43,11 +43,24 @@ pub enum DeviceError {
     Protocol(#[from] ProtocolError),
 }
 
+/// A passthrough device as the VM shares it between its PCI bus and the migration.
+pub type SharedVfio = Arc<Mutex<VfioPciDevice>>;
+
+/// The machine's passthrough devices, each with how it was given on the command line.
+pub fn of_machine(m: &crate::machine::Machine) -> Vec<(String, SharedVfio)> {
+    let d = &m.devices;
+    d.passthrough_specs
+        .iter()
+        .cloned()
+        .zip(d.passthrough.iter().cloned())
+        .collect()
+}
+
 pub struct MigratingDevice {
     pub id: String,
     /// `vfio0 (--vfio-user /path)`, for messages the user acts on.
     pub label: String,
-    pub dev: Arc<Mutex<VfioPciDevice>>,
+    pub dev: SharedVfio,
     driver: Box<dyn MigrationDriver>,
 }
 
@@ -57,7 +70,7 @@ pub fn lock(d: &Mutex<VfioPciDevice>) -> std::sync::MutexGuard<'_, VfioPciDevice
 
 impl MigratingDevice {
     /// Finds how `dev` migrates; a device with neither v2 nor the v1 region cannot.
-    pub fn probe(spec: &str, dev: Arc<Mutex<VfioPciDevice>>) -> Result<Self, DeviceError> {
+    pub fn probe(spec: &str, dev: SharedVfio) -> Result<Self, DeviceError> {
         let (id, found) = {
             let mut d = lock(&dev);
             (d.id().to_owned(), driver::probe(d.backend_mut()))

@@ -2,14 +2,11 @@
 //! whatever state it is in, fed its stream as it arrives, validated (RESUMING → STOP) once
 //! everything is in, held in RUNNING_P2P until the source says go, then run.
 
-use std::sync::{Arc, Mutex};
-
-use devices::pci::VfioPciDevice;
 use devices::pci::vfio_backend::MigrationState;
 use migration::description::DeviceDescription;
 
 use super::driver::MIGRATION_P2P;
-use super::passthrough::{DeviceError, MigratingDevice};
+use super::passthrough::{DeviceError, MigratingDevice, SharedVfio};
 
 pub struct DestDevices {
     devs: Vec<MigratingDevice>,
@@ -17,7 +14,7 @@ pub struct DestDevices {
 
 impl DestDevices {
     /// Probes each device of this VM (the ones `--vfio-user`/`--vfio` gave, in order).
-    pub fn probe(devs: Vec<(String, Arc<Mutex<VfioPciDevice>>)>) -> Result<Self, DeviceError> {
+    pub fn probe(devs: Vec<(String, SharedVfio)>) -> Result<Self, DeviceError> {
         let devs = devs
             .into_iter()
             .map(|(spec, dev)| MigratingDevice::probe(&spec, dev))

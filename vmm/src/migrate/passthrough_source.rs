@@ -14,7 +14,7 @@ use migration::ranges::MemoryRange;
 
 use super::dma_log::{DeviceDmaLog, start_logging};
 use super::driver::{Chunk, MAX_CHUNK, MIGRATION_P2P, MIGRATION_PRE_COPY};
-use super::passthrough::{DeviceError, MigratingDevice, lock};
+use super::passthrough::{DeviceError, MigratingDevice, SharedVfio, lock};
 
 /// Most pre-copy bytes one device sends per memory pass, so that memory keeps flowing while
 /// a large device state streams.
@@ -43,10 +43,7 @@ impl SourceDevices {
     /// Checks every device before anything is sent: it must migrate (v2 or v1), and report its
     /// DMA writes to `ram` unless `force_dirty_dma`.
     pub fn prepare(
-        devs: Vec<(
-            String,
-            std::sync::Arc<std::sync::Mutex<devices::pci::VfioPciDevice>>,
-        )>,
+        devs: Vec<(String, SharedVfio)>,
         ram: &[MemoryRange],
         force_dirty_dma: bool,
     ) -> Result<Self, DeviceError> {

@@ -17,7 +17,7 @@ use migration::session::{EndError, abandon, source_end, source_handshake};
 use migration::stats::{MigrationStats, Progress, Status, progress_line};
 
 use super::dirty_kvm::KvmDirtyLog;
-use super::passthrough::DeviceError;
+use super::passthrough::{self, DeviceError};
 use super::passthrough_source::SourceDevices;
 use super::snapshot::{self, SnapshotError};
 use super::{MigrateOptions, PEER_TIMEOUT, SharedInfo};
@@ -87,7 +87,8 @@ pub fn migrate(
             .map(|s| s.range)
             .collect();
         // Before anything is sent: a device that cannot migrate stops it here.
-        let devices = SourceDevices::prepare(passthrough_of(&m), &ram, opts.force_dirty_dma)?;
+        let devices =
+            SourceDevices::prepare(passthrough::of_machine(&m), &ram, opts.force_dirty_dma)?;
         let desc = snapshot::describe(&m, devices.descriptions());
         (m.ram.mem.clone(), m.vm.fd.clone(), desc, devices)
     };
@@ -160,21 +161,6 @@ struct Run<'a> {
     stats: MigrationStats,
     tty: bool,
     devices: SourceDevices,
-}
-
-/// Each passthrough device with how it was given on the command line.
-fn passthrough_of(
-    m: &Machine,
-) -> Vec<(
-    String,
-    std::sync::Arc<std::sync::Mutex<devices::pci::VfioPciDevice>>,
-)> {
-    let d = &m.devices;
-    d.passthrough_specs
-        .iter()
-        .cloned()
-        .zip(d.passthrough.iter().cloned())
-        .collect()
 }
 
 fn after_go(e: &SourceError) -> bool {
