@@ -30,6 +30,7 @@ struct SourceDevice {
     acked: bool,
     /// The last MIG_DATA_SIZE the device gave, for passes where asking fails.
     stop_copy_size: u64,
+    size_warned: bool,
 }
 
 pub struct SourceDevices {
@@ -73,6 +74,7 @@ impl SourceDevices {
                 initial_sent: false,
                 acked: false,
                 stop_copy_size: 0,
+                size_warned: false,
             });
         }
         Ok(SourceDevices {
@@ -273,7 +275,16 @@ impl DeviceHooks for SourceDevices {
         for d in &mut self.devs {
             match d.dev.with(|drv, b| drv.stop_copy_size(b)) {
                 Ok(n) => d.stop_copy_size = n,
-                Err(e) => log::warn!("{}: stop-copy size: {e}", d.dev.id),
+                // Asked once per pass: say it once.
+                Err(e) if !d.size_warned => {
+                    d.size_warned = true;
+                    log::warn!(
+                        "{}: stop-copy size: {e}; using {}",
+                        d.dev.id,
+                        d.stop_copy_size
+                    );
+                }
+                Err(_) => {}
             }
             total = total.saturating_add(d.stop_copy_size);
         }

@@ -7,6 +7,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use migration::MigrationError;
+use migration::description::VmDescription;
 use migration::dirty::{DirtyLog, RamSlot, VmmWrites};
 use migration::policy::PolicyConfig;
 use migration::precopy::{Link, PrecopyEnd, PrecopyOptions, final_pass, run_precopy};
@@ -80,18 +81,7 @@ pub fn migrate(
     info: &SharedInfo,
 ) -> Result<MigrationStats, SourceError> {
     let start = Instant::now();
-    let (mem, fd, desc, devices) = {
-        let m = lock(shared);
-        let ram: Vec<MemoryRange> = RamSlot::of_memory(&m.ram.mem)
-            .iter()
-            .map(|s| s.range)
-            .collect();
-        // Before anything is sent: a device that cannot migrate stops it here.
-        let devices =
-            SourceDevices::prepare(passthrough::of_machine(&m), &ram, opts.force_dirty_dma)?;
-        let desc = snapshot::describe(&m, devices.descriptions());
-        (m.ram.mem.clone(), m.vm.fd.clone(), desc, devices)
-    };
+    let (mem, fd, desc, devices) = prepare(shared, opts)?;
     let stream = connect(&opts.to)?;
     let mut ch = Channel::new(stream.try_clone()?);
     let granted = source_handshake(&mut ch, &desc, features::ALL)?;
@@ -99,9 +89,10 @@ pub fn migrate(
     let mut log = DirtyLog::new(RamSlot::of_memory(&mem));
     log.add(Box::new(VmmWrites::new(mem.clone())));
     log.add(Box::new(KvmDirtyLog::new(fd, mem.clone())));
-    for s in devices.dirty_sources(&desc.ram) {
-        log.add(s);
-    }
+    devices
+        .dirty_sources(&desc.ram)
+        .into_iter()
+        .for_each(|s| log.add(s));
     let mut stats = MigrationStats::new(desc.ram_bytes());
     stats.setup_time = start.elapsed().as_millis() as u64;
     stats.status = Status::Active;
@@ -121,8 +112,8 @@ pub fn migrate(
         .and_then(|()| run.precopy())
         .and_then(|pending| run.switchover(shared, &pending));
     if result.as_ref().is_err_and(|e| !after_go(e)) {
-        // Before any vCPU of this guest can run again (switchover resumes them only after
-        // the same call): its devices work as before.
+        // A failed pre-copy leaves devices in a saving session: back to RUNNING. (A failed
+        // switchover recovered them before resuming the vCPUs; this then only reads states.)
         run.devices.recover();
     }
     if let Err(e) = run.log.stop() {
@@ -148,6 +139,30 @@ pub fn migrate(
     }
     publish(info, &run.stats, String::new(), false);
     result.map(|()| run.stats)
+}
+
+/// What is settled before connecting: a passthrough device that cannot migrate refuses here,
+/// before anything is sent. Returns the RAM, the VM fd, the description and the devices.
+fn prepare(
+    shared: &SharedMachine,
+    opts: &MigrateOptions,
+) -> Result<
+    (
+        GuestMemory,
+        std::sync::Arc<kvm_ioctls::VmFd>,
+        VmDescription,
+        SourceDevices,
+    ),
+    SourceError,
+> {
+    let m = lock(shared);
+    let ram: Vec<MemoryRange> = RamSlot::of_memory(&m.ram.mem)
+        .iter()
+        .map(|s| s.range)
+        .collect();
+    let devices = SourceDevices::prepare(passthrough::of_machine(&m), &ram, opts.force_dirty_dma)?;
+    let desc = snapshot::describe(&m, devices.descriptions());
+    Ok((m.ram.mem.clone(), m.vm.fd.clone(), desc, devices))
 }
 
 /// Everything one migration attempt carries between its phases.
