@@ -424,14 +424,18 @@ def last_json_line(text):
 
 def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", warmup_s=2.0,
                           settle_until=None, settle_s=1.0, min_settle_s=0.3, downtime_ms=300,
-                          max_bandwidth=None, timeout_s=120.0, hb_ms=20, guest="dirtier"):
+                          max_bandwidth=None, timeout_s=120.0, hb_ms=20, guest="dirtier",
+                          pause_source=False):
     """One live migration of an embedded guest between two minivmm processes on loopback.
 
     The destination (`minivmm receive`) starts first; the source (`minivmm run`, with a control
     socket) boots the guest. The migration is requested through the control socket `warmup_s`
     seconds after the first serial line matching `ready` (so that e.g. a guest that must first
     write all its RAM has done so); the source prints its statistics and exits when the guest
-    runs on the destination. The destination then runs on until a line matching `settle_until`
+    runs on the destination. With `pause_source` the guest is paused (control socket) just
+    before the request, which takes the source vCPU's CPU use out of the measurement (a
+    diagnostic: the guest-seen downtime then means nothing and is left out). The destination
+    then runs on until a line matching `settle_until`
     (a regex, e.g. a complete verify sweep there) or for `settle_s`, at least `min_settle_s`.
 
     Returns one sample: the source's statistics (QEMU query-migrate names), the destination's,
@@ -460,6 +464,10 @@ def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", wa
                   "timeout": int(max(1, deadline - time.monotonic()))}
         if max_bandwidth:
             fields["max_bandwidth"] = max_bandwidth
+        if pause_source:
+            reply = api_request(src_sock, "pause")
+            if reply.get("ok") is not True:
+                raise BenchError(f"pause request refused: {reply}")
         t_request = time.monotonic()
         reply = api_request(src_sock, "migrate", **fields)
         if reply.get("ok") is not True:
@@ -497,6 +505,10 @@ def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", wa
     after = [l for t, l in dst_lines if t >= t_src_exit]
     ok = (not hb["bad_lines"] and hb["contiguous"] and dst_alive and hb["dst_hb_count"] > 0
           and dst_stats is not None and dst_stats.get("status") == "completed")
+    if pause_source:
+        for k in ("guest_downtime_ms", "guest_downtime_excess_ms", "switchover_gap_ms",
+                  "precopy_max_gap_ms"):
+            hb[k] = None
     ram = src_stats.get("ram", {})
     breakdown = src_stats.get("downtime-breakdown-us") or {}
     return {
@@ -519,6 +531,7 @@ def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", wa
         "mbps": ram.get("mbps"),
         "downtime_bytes": ram.get("downtime-bytes"),
         "host_request_to_source_exit_ms": round((t_src_exit - t_request) * 1000.0, 3),
+        "source_paused_first": pause_source,
         "correct": ok,
         "checks": {
             "heartbeats": hb,
