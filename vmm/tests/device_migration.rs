@@ -484,3 +484,20 @@ fn destination_dies_during_a_slow_stop_copy() {
         Some("RUNNING_P2P -> RUNNING")
     );
 }
+
+#[test]
+fn v1_arc_failure_recovers() {
+    let err = failed_migration(
+        &[
+            "--state-size",
+            "1M",
+            "--migration",
+            "v1",
+            "--fail-arc",
+            "PRE_COPY:STOP_COPY",
+        ],
+        &["--state-size", "1M", "--migration", "v1"],
+        &[],
+    );
+    assert!(err.contains("the device is now PreCopy"), "{err}");
+}
