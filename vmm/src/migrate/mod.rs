@@ -1,5 +1,7 @@
 //! Live migration glue: drives the `migration` crate's engine with this VMM's KVM dirty log,
-//! vCPU/VM/device state and pause/resume.
+//! vCPU/VM/device state and pause/resume, and migrates passthrough devices through the VFIO
+//! migration protocol (`driver`/`v1`: v2 and the v1 region behind one trait; `passthrough*`:
+//! the source and destination sequences; `dma_log`: the devices' DMA writes as dirty pages).
 
 pub mod dest;
 pub mod dirty_kvm;
