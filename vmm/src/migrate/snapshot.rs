@@ -1,14 +1,11 @@
 //! The non-memory state of a paused machine: every vCPU, the VM, every emulated device,
 //! each as an encoded plain-data blob, saved and restored in a fixed order.
 
-use migration::description::{
-    CpuidEntry as WireCpuid, DeviceDescription, MigrationCaps, VmDescription,
-};
+use migration::description::{DeviceDescription, MigrationCaps, VmDescription};
 use migration::ranges::MemoryRange;
 use migration::state::{StateError, decode, encode};
 
 use crate::machine::Machine;
-use crate::vstate::cpuid::CpuidEntry;
 use crate::vstate::runner::RunnerError;
 use crate::vstate::vcpu::{VcpuError, VcpuState};
 use crate::vstate::vm::VmError;
@@ -50,7 +47,7 @@ pub fn describe(m: &Machine, passthrough: Vec<DeviceDescription>) -> VmDescripti
             .map(|r| MemoryRange::new(r.gpa, r.len))
             .collect(),
         vcpus: m.vcpus.count() as u32,
-        cpuid: m.cpuid.iter().map(wire_cpuid).collect(),
+        cpuid: m.cpuid.clone(),
         devices: m
             .devices
             .migratable()
@@ -65,18 +62,6 @@ pub fn describe(m: &Machine, passthrough: Vec<DeviceDescription>) -> VmDescripti
             })
             .chain(passthrough)
             .collect(),
-    }
-}
-
-fn wire_cpuid(e: &CpuidEntry) -> WireCpuid {
-    WireCpuid {
-        function: e.function,
-        index: e.index,
-        flags: e.flags,
-        eax: e.eax,
-        ebx: e.ebx,
-        ecx: e.ecx,
-        edx: e.edx,
     }
 }
 

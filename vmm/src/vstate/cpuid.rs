@@ -2,7 +2,7 @@
 //! APIC ids match the vCPU count (what Linux's SMP bring-up checks).
 
 use kvm_bindings::{CpuId, kvm_cpuid_entry2};
-use serde::{Deserialize, Serialize};
+pub use migration::description::CpuidEntry;
 
 const LEAF_FEATURES: u32 = 1;
 const LEAF_CACHE_PARAMS: u32 = 4;
@@ -11,53 +11,38 @@ const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
-/// One CPUID entry as plain data (kvm_cpuid_entry2 has no serde impl).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CpuidEntry {
-    pub function: u32,
-    pub index: u32,
-    pub flags: u32,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
-
-impl From<&kvm_cpuid_entry2> for CpuidEntry {
-    fn from(e: &kvm_cpuid_entry2) -> Self {
-        CpuidEntry {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        }
+/// KVM's entry as the plain data that migrates (kvm_cpuid_entry2 has no serde impl).
+fn plain(e: &kvm_cpuid_entry2) -> CpuidEntry {
+    CpuidEntry {
+        function: e.function,
+        index: e.index,
+        flags: e.flags,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
     }
 }
 
-impl From<&CpuidEntry> for kvm_cpuid_entry2 {
-    fn from(e: &CpuidEntry) -> Self {
-        kvm_cpuid_entry2 {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-            ..Default::default()
-        }
+fn kvm_entry(e: &CpuidEntry) -> kvm_cpuid_entry2 {
+    kvm_cpuid_entry2 {
+        function: e.function,
+        index: e.index,
+        flags: e.flags,
+        eax: e.eax,
+        ebx: e.ebx,
+        ecx: e.ecx,
+        edx: e.edx,
+        ..Default::default()
     }
 }
 
 pub fn to_entries(c: &CpuId) -> Vec<CpuidEntry> {
-    c.as_slice().iter().map(CpuidEntry::from).collect()
+    c.as_slice().iter().map(plain).collect()
 }
 
 pub fn from_entries(entries: &[CpuidEntry]) -> Result<CpuId, vmm_sys_util::fam::Error> {
-    let raw: Vec<kvm_cpuid_entry2> = entries.iter().map(kvm_cpuid_entry2::from).collect();
+    let raw: Vec<kvm_cpuid_entry2> = entries.iter().map(kvm_entry).collect();
     CpuId::from_entries(&raw)
 }
 
