@@ -207,11 +207,10 @@ def _nice_ticks(lo, hi, n=5):
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     first = math.floor(lo / step) * step
-    ticks = []
-    t = first
-    while t <= hi + step * 1e-9:
-        ticks.append(round(t, 10))
-        t += step
+    # Up to the first tick at or above `hi`, so that every value lies inside the axis.
+    ticks = [round(first, 10)]
+    while ticks[-1] < hi - step * 1e-9:
+        ticks.append(round(ticks[-1] + step, 10))
     return ticks
 
 
@@ -290,7 +289,13 @@ def _plot_builtin(path, title, xlabel, ylabel, categories, series, log_y):
                 c.line(x, ty(v[1]), x, ty(v[2]), rgb)
                 c.line(x - 4, ty(v[1]), x + 4, ty(v[1]), rgb)
                 c.line(x - 4, ty(v[2]), x + 4, ty(v[2]), rgb)
-            c.rect(int(x) - 3, int(y) - 3, int(x) + 3, int(y) + 3, rgb)
+            if s.get("marker", "o") == "s":
+                c.rect(int(x) - 3, int(y) - 3, int(x) + 3, int(y) + 3, rgb)
+            else:
+                for oy in range(-4, 5):
+                    for ox in range(-4, 5):
+                        if ox * ox + oy * oy <= 16:
+                            c.set(int(x) + ox, int(y) + oy, rgb)
         ly = top + 10 + k * 18
         c.line(left + pw + 15, ly + 3, left + pw + 40, ly + 3, rgb, width=2, dash=dash)
         c.text(left + pw + 46, ly, s["label"][:28])
