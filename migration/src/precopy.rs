@@ -109,7 +109,10 @@ where
         run.pass(&ranges, iteration)?;
         ranges = run.dirty.collect()?;
         match run.assess(&ranges, iteration) {
-            (Decision::Continue, _) => iteration += 1,
+            (Decision::Continue, _) => {
+                run.await_acks_if_only_they_are_missing(&ranges)?;
+                iteration += 1;
+            }
             (Decision::SwitchOver, expected) => {
                 return Ok(PrecopyEnd::SwitchOver {
                     pending: ranges,
@@ -190,7 +193,37 @@ where
         let decision = self.conv.decide(elapsed, remaining, stop_copy, acked);
         (decision, expected)
     }
+
+    /// When memory already fits the downtime target and only switchover-acks are missing,
+    /// waits briefly for one instead of spinning through near-empty passes.
+    fn await_acks_if_only_they_are_missing(
+        &mut self,
+        ranges: &[MemoryRange],
+    ) -> Result<(), MigrationError> {
+        if self.hooks.all_acked() {
+            return Ok(());
+        }
+        let elapsed = self.start.elapsed();
+        let stop_copy = self.hooks.stop_copy_bytes();
+        if self
+            .conv
+            .decide(elapsed, total_len(ranges), stop_copy, true)
+            != Decision::SwitchOver
+        {
+            return Ok(());
+        }
+        match self.link.rp.recv_timeout(ACK_WAIT) {
+            Ok(Message::DeviceAck { device }) => self.hooks.acked(&device),
+            Ok(other) => return Err(ProtocolError::unexpected("DeviceAck", other).into()),
+            Err(ProtocolError::Timeout) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
 }
+
+/// How long a pass waits for a switchover-ack before looking at memory again.
+const ACK_WAIT: Duration = Duration::from_millis(5);
 
 fn update_stats(
     stats: &mut MigrationStats,
