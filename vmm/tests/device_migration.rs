@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -106,29 +105,6 @@ impl Drop for Dev {
     }
 }
 
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-}
-
-fn wait_listening(addr: &str) {
-    let port = addr.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-    let hex = format!(":{port:04X} ");
-    let start = Instant::now();
-    // A probe connection would be taken as the migration; watch the listen table instead.
-    while start.elapsed() < Duration::from_secs(10) {
-        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        if tcp
-            .lines()
-            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nobody listens on {addr}");
-}
-
 fn destination(addr: &str, dev: &Dev, env: &[(&str, &str)]) -> Vm {
     let d = Vm::spawn_env(
         &["receive", "--listen", addr, "--vfio-user", dev.path()],
@@ -179,14 +155,6 @@ fn rounds(lines: &[String]) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
-fn no_bad(lines: &[String]) {
-    let bad: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.contains("BAD") || l.contains("error"))
-        .collect();
-    assert!(bad.is_empty(), "guest found a problem: {bad:?}");
-}
-
 /// The last round `vm`'s guest completed.
 fn last_round(vm: &Vm) -> u64 {
     rounds(&vm.lines()).last().map_or(0, |r| r.0)
@@ -210,23 +178,6 @@ fn check_rounds(rs: &[(u64, u64, u64)]) {
         assert_eq!(round, first + i as u64, "rounds out of order: {rs:?}");
         let ops = OPS_PER_ROUND * round;
         assert_eq!((irqs, counter), (ops, ops), "round {round}: {rs:?}");
-    }
-}
-
-fn migrate_request(src: &Vm, addr: &str, extra: &str) {
-    let r = src.ctl(&format!(r#"{{"cmd":"migrate","to":"{addr}"{extra}}}"#));
-    assert_eq!(r["ok"], true, "{r}");
-}
-
-fn wait_migration_end(src: &Vm) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let st = src.ctl(r#"{"cmd":"migration-status"}"#);
-        if st["running"] == false {
-            return st["stats"].clone();
-        }
-        assert!(start.elapsed() < LIMIT, "migration did not end: {st}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

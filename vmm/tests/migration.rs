@@ -2,41 +2,17 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
-}
-
 /// A destination waiting on `addr`.
 fn destination(addr: &str, env: &[(&str, &str)]) -> Vm {
     let d = Vm::spawn_env(&["receive", "--listen", addr], env);
     wait_listening(addr);
     d
-}
-
-fn wait_listening(addr: &str) {
-    let start = Instant::now();
-    // A probe connection would be taken as the migration; watch the listen table instead.
-    let port = addr.rsplit(':').next().unwrap();
-    let hex = format!(":{:04X} ", port.parse::<u16>().unwrap());
-    while start.elapsed() < Duration::from_secs(10) {
-        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-        if tcp
-            .lines()
-            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nobody listens on {addr}");
 }
 
 fn dirtier(vcpus: &str, extra: &str) -> Vec<String> {
@@ -55,15 +31,6 @@ fn dirtier(vcpus: &str, extra: &str) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
-}
-
-fn no_bad(lines: &[String]) {
-    assert!(
-        !lines
-            .iter()
-            .any(|l| l.contains("BAD") || l.contains("PANIC")),
-        "guest found corruption: {lines:?}"
-    );
 }
 
 /// Migrates a running dirtier and checks, from inside the guest, that nothing was lost.
@@ -139,24 +106,6 @@ fn running_source() -> (Vm, (usize, usize)) {
     src.wait_line(|l| l == "HB 3", LIMIT);
     let before = src.threads_and_fds();
     (src, before)
-}
-
-fn migrate_request(src: &Vm, addr: &str, extra: &str) {
-    let r = src.ctl(&format!(r#"{{"cmd":"migrate","to":"{addr}"{extra}}}"#));
-    assert_eq!(r["ok"], true, "{r}");
-}
-
-/// Waits until the source's migration attempt has ended; returns its statistics.
-fn wait_migration_end(src: &Vm) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let st = src.ctl(r#"{"cmd":"migration-status"}"#);
-        if st["running"] == false {
-            return st["stats"].clone();
-        }
-        assert!(start.elapsed() < LIMIT, "migration did not end: {st}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn one_line(s: &str) -> &str {

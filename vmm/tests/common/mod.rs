@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -271,4 +272,60 @@ impl Drop for SampleDev {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
+pub fn wait_listening(addr: &str) {
+    let start = Instant::now();
+    // A probe connection would be taken as the migration; watch the listen table instead.
+    let port = addr.rsplit(':').next().unwrap();
+    let hex = format!(":{:04X} ", port.parse::<u16>().unwrap());
+    while start.elapsed() < Duration::from_secs(10) {
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        if tcp
+            .lines()
+            .any(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nobody listens on {addr}");
+}
+
+pub fn migrate_request(src: &Vm, addr: &str, extra: &str) {
+    let r = src.ctl(&format!(r#"{{"cmd":"migrate","to":"{addr}"{extra}}}"#));
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+/// Waits until the source's migration attempt has ended; returns its statistics.
+pub fn wait_migration_end(src: &Vm) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let st = src.ctl(r#"{"cmd":"migration-status"}"#);
+        if st["running"] == false {
+            return st["stats"].clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "migration did not end: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn no_bad(lines: &[String]) {
+    let bad: Vec<&String> = lines
+        .iter()
+        .filter(|l| {
+            ["BAD", "PANIC", "error", "no-irq"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect();
+    assert!(bad.is_empty(), "guest found a problem: {bad:?}");
 }
