@@ -13,6 +13,7 @@
 
 mod ap;
 mod heartbeat;
+mod idt;
 mod lapic;
 mod mptable;
 mod publish;
@@ -28,6 +29,9 @@ const MAX_RANGES: usize = 32;
 /// Most pages between two looks at the clock: about 0.2-0.4 ms of page work on the project's
 /// host (where rdtsc alone costs as much as a page), far below any heartbeat interval.
 const CLOCK_EVERY: u64 = 64;
+/// The LAPIC timer's vector, as in dmatest; it only wakes `hlt` while idle.
+const TIMER_VECTOR: u8 = 0x41;
+const SPURIOUS_VECTOR: u8 = 0xff;
 
 /// The pages this guest owns: up to `MAX_RANGES` runs of whole pages, in address order.
 struct Plan {
@@ -138,6 +142,13 @@ impl Pacer {
         }
     }
 
+    /// TSC ticks until the next heartbeat is due (`u64::MAX` on a CPU without heartbeats).
+    fn until_heartbeat(&self) -> u64 {
+        self.heartbeat
+            .as_ref()
+            .map_or(u64::MAX, |hb| hb.until_next())
+    }
+
     /// Advances time: heartbeats and rate credit.
     fn tick(&mut self) {
         let step = self.clock.step();
@@ -163,6 +174,79 @@ impl Pacer {
         let n = (self.credit / self.page_ticks).min(want);
         self.credit -= n * self.page_ticks;
         n
+    }
+}
+
+/// Waiting for the next heartbeat when there is nothing else to do (BSP, `share=0`): `sti;
+/// hlt` woken by a one-shot LAPIC timer instead of spinning on the TSC, so that an idle guest
+/// leaves the host CPU to others (the migration's threads, on a small host). The timer only
+/// wakes the CPU; time still comes from the TSC alone (`Pacer`), so heartbeats keep their
+/// sequence and clamping. A timer that does not count, or a CPU that wakes without a timer
+/// interrupt for twice the longest sleep, falls back to spinning for good (one line says so),
+/// so that a VMM that delivers no interrupts still gets heartbeats.
+struct Idle {
+    tsc_hz: u64,
+    /// LAPIC timer ticks per second (divide-by-16); 0 = spin.
+    timer_hz: u64,
+    /// Longest single sleep in TSC ticks: short enough that `Pacer`'s 1 s clamp never eats
+    /// sleeping time, whatever `hb_ms` is.
+    max_sleep: u64,
+    /// TSC ticks slept since the timer last fired.
+    silent: u64,
+    clock: rt::Clock,
+}
+
+impl Idle {
+    fn new(tsc_hz: u64, hb_ms: u64) -> Idle {
+        idt::init_lapic(TIMER_VECTOR, SPURIOUS_VECTOR);
+        let mut idle = Idle {
+            tsc_hz,
+            timer_hz: lapic::timer_hz(tsc_hz),
+            max_sleep: (tsc_hz / 1000 * hb_ms).clamp(1, tsc_hz / 10),
+            silent: 0,
+            clock: rt::Clock::new(tsc_hz),
+        };
+        if idle.timer_hz == 0 {
+            idle.spin_from_now();
+        }
+        idle
+    }
+
+    /// Waits up to about `ticks` TSC ticks: one sleep (cut short by any interrupt), or a few
+    /// pauses when sleeping is off or the wait is too short to be worth a timer.
+    fn wait(&mut self, ticks: u64) {
+        if self.timer_hz == 0 || ticks < self.tsc_hz / 5000 {
+            pause_a_little();
+            return;
+        }
+        // A little early: the timer's rate is measured to a few per cent, and a late wake
+        // would delay the heartbeat, while an early one costs one more short sleep.
+        let ticks = ticks.min(self.max_sleep);
+        let count = (ticks - ticks / 16).saturating_mul(self.timer_hz) / self.tsc_hz;
+        let fired = idt::TIMER_TICKS.load(Ordering::SeqCst);
+        lapic::timer_oneshot(TIMER_VECTOR, count.clamp(1, u32::MAX as u64) as u32);
+        if !lapic::timer_armed(TIMER_VECTOR) {
+            // A `hlt` now might never end.
+            self.spin_from_now();
+            return;
+        }
+        self.clock.step();
+        idt::sleep_until_interrupt();
+        let slept = self.clock.step();
+        if idt::TIMER_TICKS.load(Ordering::SeqCst) != fired {
+            self.silent = 0;
+            return;
+        }
+        self.silent += slept;
+        if self.silent > 2 * self.max_sleep {
+            self.spin_from_now();
+        }
+    }
+
+    fn spin_from_now(&mut self) {
+        self.timer_hz = 0;
+        lapic::write(lapic::TIMER_INITIAL, 0);
+        rt::line().s(WHO).s(": timer silent, spinning");
     }
 }
 
@@ -386,10 +470,15 @@ fn barrier(cpu: u32, cpus: u32, generation: u64, pacer: &mut Pacer) {
 /// The pass loop that every CPU runs on its own slice of the plan.
 fn work(cpu: u32, job: &Job, pacer: &mut Pacer) -> ! {
     if job.plan.total == 0 && job.passes == 0 {
-        // Nothing to write (share=0): idle CPUs that stay busy, the BSP heartbeating.
+        // Nothing to write, ever (share=0): the APs halt for good, the BSP sleeps between
+        // heartbeats.
+        if cpu != 0 {
+            park();
+        }
+        let mut idle = Idle::new(job.tsc_hz, job.hb_ms);
         loop {
-            pause_a_little();
             pacer.tick();
+            idle.wait(pacer.until_heartbeat());
         }
     }
     let mine = slice(job.plan.total, job.cpus, cpu);

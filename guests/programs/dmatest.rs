@@ -21,7 +21,7 @@ mod rt;
 mod sdpattern;
 mod sdregs;
 
-use core::arch::{asm, global_asm};
+use core::arch::global_asm;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use sdpattern::{StateModel, buffer_seed, checksum_step, fill_word, splitmix64};
@@ -51,13 +51,13 @@ const STATE_SAMPLES: u64 = 4;
 /// trips to the device per word).
 const MAX_CHECKED_OPS: u64 = 256;
 
-/// Interrupts taken on MSI_VECTOR and TIMER_VECTOR, counted by the handlers below.
+/// MSIs taken on MSI_VECTOR, counted by the handler below.
 static IRQS: AtomicU64 = AtomicU64::new(0);
-static TICKS: AtomicU64 = AtomicU64::new(0);
 
-// Interrupt handlers: count, EOI to the xAPIC, return. In asm so that they touch no register
-// but RAX (saved) and need no stack frame of Rust's. The EOI register is above 2 GiB, so its
-// address goes through a register rather than a sign-extended 32-bit displacement.
+// MSI handler: count, EOI to the xAPIC, return. In asm so that it touches no register but RAX
+// (saved) and needs no stack frame of Rust's. The EOI register is above 2 GiB, so its address
+// goes through a register rather than a sign-extended 32-bit displacement. The LAPIC timer's
+// handler is idt.rs's `idt_timer_tick`.
 global_asm!(
     r#"
     .pushsection .text.dmatest_irq, "ax", @progbits
@@ -69,25 +69,15 @@ dmatest_msi:
     movl $0, (%rax)
     popq %rax
     iretq
-    .global dmatest_tick
-dmatest_tick:
-    pushq %rax
-    lock incq {ticks}(%rip)
-    movabsq ${eoi}, %rax
-    movl $0, (%rax)
-    popq %rax
-    iretq
     .popsection
 "#,
     irqs = sym IRQS,
-    ticks = sym TICKS,
     eoi = const lapic::EOI_ADDR,
     options(att_syntax)
 );
 
 unsafe extern "C" {
     fn dmatest_msi();
-    fn dmatest_tick();
 }
 
 struct Params {
@@ -166,26 +156,12 @@ fn guest_main(boot: rt::Boot) -> ! {
     main_loop(&mut t)
 }
 
-/// Interrupts reach this CPU only through its LAPIC: the 8259s are masked (the BSP's LINT0
-/// is in ExtINT mode after reset), MSI_VECTOR counts DMA completions and the LAPIC timer
-/// wakes `hlt` every millisecond or so.
+/// Interrupts reach this CPU only through its LAPIC (`idt::init_lapic`): MSI_VECTOR counts
+/// DMA completions and the LAPIC timer wakes `hlt` every millisecond or so.
 fn setup_interrupts() {
-    rt::outb(0x21, 0xff);
-    rt::outb(0xa1, 0xff);
-    idt::init();
+    idt::init_lapic(TIMER_VECTOR, SPURIOUS_VECTOR);
     idt::set(MSI_VECTOR, dmatest_msi);
-    idt::set(TIMER_VECTOR, dmatest_tick);
-    idt::set(SPURIOUS_VECTOR, idt::idt_ignore);
-    lapic::enable(SPURIOUS_VECTOR);
     lapic::timer_periodic(TIMER_VECTOR, TIMER_COUNT);
-}
-
-/// Lets pending interrupts in and sleeps until the next one. Not `nostack`: the handlers
-/// push onto this stack, so the compiler must keep nothing below the stack pointer here.
-fn sleep_until_interrupt() {
-    // SAFETY: the IDT has a handler or a reporting stub for every vector; the handlers only
-    // change the counters above (hence no `nomem`).
-    unsafe { asm!("sti", "hlt", "cli") }
 }
 
 /// Finds the device, moves BAR0, turns on decoding, bus mastering and MSI-X vector 0 aimed
@@ -438,7 +414,7 @@ impl Test {
             if waited >= deadline {
                 return false;
             }
-            sleep_until_interrupt();
+            idt::sleep_until_interrupt();
             waited += self.tick();
         }
         true

@@ -26,6 +26,11 @@ impl Heartbeat {
         self.seq += 1;
     }
 
+    /// Ticks of elapsed time until the next heartbeat is due (at least 1).
+    pub fn until_next(&self) -> u64 {
+        (self.interval - self.elapsed).max(1)
+    }
+
     /// Adds `ticks` of elapsed time; prints at most one heartbeat per call, and forgets time
     /// beyond one interval, so that a long stall gives a single late heartbeat.
     pub fn advance(&mut self, ticks: u64) {

@@ -23,7 +23,9 @@ const INTERRUPT_GATE: u64 = 0x8e;
 // One 16-byte stub per vector: vector number in EDI, then the common path, which aligns the
 // stack and calls `unexpected` (which never returns, so the frame layout, with or without an
 // error code, does not matter). `idt_ignore` is a handler that just returns, for the LAPIC's
-// spurious vector, which needs no EOI.
+// spurious vector, which needs no EOI. `idt_timer_tick` counts a LAPIC timer interrupt and
+// EOIs it, touching no register but RAX (saved); the EOI register is above 2 GiB, so its
+// address goes through a register rather than a sign-extended 32-bit displacement.
 global_asm!(
     r#"
     .pushsection .text.idt_stubs, "ax", @progbits
@@ -44,9 +46,19 @@ idt_common:
     .global idt_ignore
 idt_ignore:
     iretq
+    .global idt_timer_tick
+idt_timer_tick:
+    pushq %rax
+    lock incq {ticks}(%rip)
+    movabsq ${eoi}, %rax
+    movl $0, (%rax)
+    popq %rax
+    iretq
     .popsection
 "#,
     unexpected = sym unexpected,
+    ticks = sym TIMER_TICKS,
+    eoi = const crate::lapic::EOI_ADDR,
     options(att_syntax)
 );
 
@@ -54,6 +66,36 @@ unsafe extern "C" {
     static idt_stubs: u8;
     /// Returns from the interrupt at once, without EOI.
     pub fn idt_ignore();
+    /// Counts the interrupt in `TIMER_TICKS` and EOIs it: for the LAPIC timer, which only
+    /// wakes `hlt`.
+    pub fn idt_timer_tick();
+}
+
+/// LAPIC timer interrupts taken by `idt_timer_tick`, so that a sleeper can tell whether the
+/// timer woke it.
+pub static TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets up the LAPIC as this CPU's only interrupt source: masks the 8259s (the BSP's LINT0 is
+/// in ExtINT mode after reset), loads the table (`init`), points `timer` at `idt_timer_tick`
+/// and `spurious` at `idt_ignore`, and software-enables the LAPIC. The timer itself is not
+/// started.
+pub fn init_lapic(timer: u8, spurious: u8) {
+    crate::rt::outb(0x21, 0xff);
+    crate::rt::outb(0xa1, 0xff);
+    init();
+    set(timer, idt_timer_tick);
+    set(spurious, idt_ignore);
+    crate::lapic::enable(spurious);
+}
+
+/// Lets pending interrupts in and sleeps until the next one; interrupts are off again on
+/// return. Not `nostack`: the handlers push onto this stack, so the compiler must keep nothing
+/// below the stack pointer here. `sti` delays interrupts by one instruction, so one that is
+/// already pending wakes the `hlt` rather than slipping in before it.
+pub fn sleep_until_interrupt() {
+    // SAFETY: callers have loaded the table (`init`), which has a handler or a reporting stub
+    // for every vector; the handlers only change counters (hence no `nomem`).
+    unsafe { asm!("sti", "hlt", "cli") }
 }
 
 extern "C" fn unexpected(vector: u32, frame: *const u64) -> ! {

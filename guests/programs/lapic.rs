@@ -14,6 +14,8 @@ pub const LVT_TIMER: u64 = 0x320;
 pub const TIMER_INITIAL: u64 = 0x380;
 pub const TIMER_CURRENT: u64 = 0x390;
 pub const TIMER_DIVIDE: u64 = 0x3e0;
+/// First of the eight 32-bit interrupt request registers, 16 bytes apart.
+pub const IRR: u64 = 0x200;
 
 pub const ICR_ALL_BUT_SELF: u32 = 0b11 << 18;
 pub const ICR_ASSERT: u32 = 1 << 14;
@@ -70,9 +72,67 @@ pub fn timer_running() -> bool {
 
 const LVT_MASKED: u32 = 1 << 16;
 
+/// Divide configuration: bus clock / 16, for every timer mode used here.
+const DIVIDE_16: u32 = 0b0011;
+
 /// Periodic timer interrupts on `vector` every `count` ticks of the bus clock divided by 16.
 pub fn timer_periodic(vector: u8, count: u32) {
-    write(TIMER_DIVIDE, 0b0011);
+    write(TIMER_DIVIDE, DIVIDE_16);
     write(LVT_TIMER, (1 << 17) | vector as u32);
     write(TIMER_INITIAL, count);
+}
+
+/// One timer interrupt on `vector` after `count` ticks of the bus clock divided by 16
+/// (rewriting the LVT too, so that a timer whose LVT was reset works again).
+pub fn timer_oneshot(vector: u8, count: u32) {
+    write(TIMER_DIVIDE, DIVIDE_16);
+    write(LVT_TIMER, vector as u32);
+    write(TIMER_INITIAL, count);
+}
+
+/// Whether a timer interrupt on `vector` is still to come or already waiting: the LVT is
+/// unmasked and the count runs, or the count has run out and the interrupt sits in the IRR
+/// (interrupts off). False when the LAPIC ignored the set-up (software-disabled, absent).
+pub fn timer_armed(vector: u8) -> bool {
+    let lvt = read(LVT_TIMER);
+    if lvt & LVT_MASKED != 0 || lvt & 0xff != vector as u32 {
+        return false;
+    }
+    let irr = read(IRR + 0x10 * (vector as u64 / 32));
+    read(TIMER_CURRENT) != 0 || irr & (1 << (vector % 32)) != 0
+}
+
+/// Timer ticks per second at divide-by-16, measured against the TSC (`tsc_hz`) over about
+/// 10 ms with the timer masked; 0 when it does not count down (no usable LAPIC). Each end is
+/// a count read bracketed by TSC reads, retried while the bracket is wide (the vCPU lost the
+/// host CPU in between), so the rate is within a few per cent.
+pub fn timer_hz(tsc_hz: u64) -> u64 {
+    let sample = || {
+        let mut best = (0, 0, u64::MAX);
+        for _ in 0..16 {
+            let before = crate::rt::rdtsc();
+            let count = read(TIMER_CURRENT);
+            let width = crate::rt::rdtsc().wrapping_sub(before);
+            if width < best.2 {
+                best = (before.wrapping_add(width / 2), count, width);
+            }
+            if width <= tsc_hz / 10_000 {
+                break;
+            }
+        }
+        (best.0, best.1)
+    };
+    write(TIMER_DIVIDE, DIVIDE_16);
+    write(LVT_TIMER, LVT_MASKED);
+    write(TIMER_INITIAL, u32::MAX);
+    let (t0, c0) = sample();
+    crate::rt::spin_ticks(tsc_hz / 100);
+    let (t1, c1) = sample();
+    write(TIMER_INITIAL, 0);
+    // In microseconds, so that neither product below can overflow 64 bits.
+    let us = t1.wrapping_sub(t0).min(tsc_hz) * 1_000_000 / tsc_hz;
+    if c1 >= c0 || us == 0 {
+        return 0;
+    }
+    (c0 - c1) as u64 * 1_000_000 / us
 }
