@@ -53,8 +53,9 @@ impl<'a> Session<'a> {
                     self.conn.send_reply(&hdr, &reply.payload, &fds)?;
                 }
                 Err(r) => {
-                    // ENOMSG is pre-copy's routine "nothing to read now", polled for.
-                    if r.errno == libc::ENOMSG {
+                    // ENOMSG is pre-copy's routine "nothing to read now", polled for; ENOTTY
+                    // answers a client probing for a feature this mode does not offer.
+                    if r.errno == libc::ENOMSG || r.errno == libc::ENOTTY {
                         log::debug!("{name}: {r}");
                     } else {
                         log::warn!("{name} refused: {r}");
