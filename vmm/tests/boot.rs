@@ -138,18 +138,6 @@ fn pause_and_resume_over_the_control_socket() {
     assert_contiguous(&heartbeats(&lines));
 }
 
-fn error_line(args: &[&str]) -> String {
-    let out = run_to_end(args, LIMIT);
-    assert_ne!(out.status.code(), Some(0), "{args:?} should fail");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    assert_eq!(
-        err.lines().count(),
-        1,
-        "one readable line expected, got: {err}"
-    );
-    err
-}
-
 #[test]
 fn errors_are_one_readable_line() {
     let e = error_line(&["run", "--kernel", "/nonexistent/vmlinux"]);

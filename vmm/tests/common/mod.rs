@@ -329,3 +329,16 @@ pub fn no_bad(lines: &[String]) {
         .collect();
     assert!(bad.is_empty(), "guest found a problem: {bad:?}");
 }
+
+/// Runs minivmm expecting failure; returns its one-line error (asserting it is one line).
+pub fn error_line(args: &[&str]) -> String {
+    let out = run_to_end(args, Duration::from_secs(60));
+    assert_ne!(out.status.code(), Some(0), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "one readable line expected, got: {err}"
+    );
+    err
+}
