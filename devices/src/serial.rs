@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use migration::state::{Migratable, StateError, decode, encode};
+use migration::state::{Persist, StateError};
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{Error as UartError, SerialEvents, SerialState as UartState};
 use vm_superio::{Serial, Trigger};
@@ -238,30 +238,6 @@ impl SerialDevice {
         }
     }
 
-    pub fn state(&self) -> SerialState {
-        self.uart.state().into()
-    }
-
-    /// Replaces the UART's registers and FIFO with `state`, keeping this device's sink, interrupt
-    /// and rx-ready eventfds. An interrupt pending in `state` is raised again. On error the device
-    /// is left as it was.
-    pub fn restore(&mut self, state: &SerialState) -> Result<(), StateError> {
-        if state.rx_fifo.len() > FIFO_SIZE {
-            return Err(incompatible(format!(
-                "receive FIFO holds {} bytes, more than the {FIFO_SIZE} a 16550A has",
-                state.rx_fifo.len()
-            )));
-        }
-        self.uart = Serial::from_state(
-            &state.into(),
-            self.interrupt.clone(),
-            self.events.clone(),
-            self.out.clone(),
-        )
-        .map_err(|e| incompatible(e.to_string()))?;
-        Ok(())
-    }
-
     fn read_reg(&mut self, offset: u64) -> u8 {
         match u8::try_from(offset) {
             Ok(reg) if offset < COM1_LEN => self.uart.read(reg),
@@ -319,23 +295,39 @@ impl BusDevice for SerialDevice {
     }
 }
 
-impl Migratable for SerialDevice {
-    fn id(&self) -> String {
-        ID.to_string()
+impl Persist for SerialDevice {
+    type State = SerialState;
+    const ID: &'static str = ID;
+
+    fn state(&self) -> SerialState {
+        self.uart.state().into()
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, StateError> {
-        encode(&self.state())
-    }
-
-    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        self.restore(&decode(bytes)?)
+    /// Replaces the UART's registers and FIFO with `state`, keeping this device's sink, interrupt
+    /// and rx-ready eventfds. An interrupt pending in `state` is raised again. On error the device
+    /// is left as it was.
+    fn restore(&mut self, state: &SerialState) -> Result<(), StateError> {
+        if state.rx_fifo.len() > FIFO_SIZE {
+            return Err(incompatible(format!(
+                "receive FIFO holds {} bytes, more than the {FIFO_SIZE} a 16550A has",
+                state.rx_fifo.len()
+            )));
+        }
+        self.uart = Serial::from_state(
+            &state.into(),
+            self.interrupt.clone(),
+            self.events.clone(),
+            self.out.clone(),
+        )
+        .map_err(|e| incompatible(e.to_string()))?;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use migration::state::{Migratable, encode};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     const RBR_THR: u64 = 0;

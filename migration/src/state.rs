@@ -50,6 +50,31 @@ pub trait Migratable {
     fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError>;
 }
 
+/// Firecracker's save/restore pair: a component hands out its state as plain data and takes it
+/// back. Every `Persist` component is [`Migratable`] through the blanket impl below, so the
+/// encoding lives in one place.
+pub trait Persist {
+    type State: Serialize + DeserializeOwned;
+    /// The component's name in the migration stream.
+    const ID: &'static str;
+    fn state(&self) -> Self::State;
+    fn restore(&mut self, state: &Self::State) -> Result<(), StateError>;
+}
+
+impl<T: Persist> Migratable for T {
+    fn id(&self) -> String {
+        T::ID.to_owned()
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        encode(&self.state())
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
+        self.restore(&decode(bytes)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

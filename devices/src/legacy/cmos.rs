@@ -6,7 +6,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use migration::state::{Migratable, StateError, decode, encode};
+use migration::state::{Persist, StateError};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::BusDevice;
@@ -130,36 +130,6 @@ impl Cmos {
         }
     }
 
-    pub fn state(&self) -> CmosState {
-        CmosState {
-            index: self.index,
-            nmi_disabled: self.nmi_disabled,
-            ram: self.ram.to_vec(),
-        }
-    }
-
-    pub fn restore(&mut self, state: &CmosState) -> Result<(), StateError> {
-        let incompatible = |reason: String| StateError::Incompatible {
-            id: ID.to_string(),
-            reason,
-        };
-        if usize::from(state.index) >= RAM_SIZE {
-            return Err(incompatible(format!(
-                "index {:#x} out of range",
-                state.index
-            )));
-        }
-        self.ram = state.ram.as_slice().try_into().map_err(|_| {
-            incompatible(format!(
-                "{} bytes of RAM, expected {RAM_SIZE}",
-                state.ram.len()
-            ))
-        })?;
-        self.index = state.index;
-        self.nmi_disabled = state.nmi_disabled;
-        Ok(())
-    }
-
     /// A clock field in the format register B asks for.
     fn clock_field(&self, value: u8) -> u8 {
         if self.ram[usize::from(REG_B)] & REG_B_BINARY != 0 {
@@ -246,23 +216,45 @@ impl BusDevice for Cmos {
     }
 }
 
-impl Migratable for Cmos {
-    fn id(&self) -> String {
-        ID.to_string()
+impl Persist for Cmos {
+    type State = CmosState;
+    const ID: &'static str = ID;
+
+    fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            nmi_disabled: self.nmi_disabled,
+            ram: self.ram.to_vec(),
+        }
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, StateError> {
-        encode(&self.state())
-    }
-
-    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        self.restore(&decode(bytes)?)
+    fn restore(&mut self, state: &CmosState) -> Result<(), StateError> {
+        let incompatible = |reason: String| StateError::Incompatible {
+            id: ID.to_string(),
+            reason,
+        };
+        if usize::from(state.index) >= RAM_SIZE {
+            return Err(incompatible(format!(
+                "index {:#x} out of range",
+                state.index
+            )));
+        }
+        self.ram = state.ram.as_slice().try_into().map_err(|_| {
+            incompatible(format!(
+                "{} bytes of RAM, expected {RAM_SIZE}",
+                state.ram.len()
+            ))
+        })?;
+        self.index = state.index;
+        self.nmi_disabled = state.nmi_disabled;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use migration::state::{Migratable, encode};
 
     // 2024-02-29 13:05:09 UTC, a Thursday.
     const LEAP_DAY: u64 = 1_709_211_909;

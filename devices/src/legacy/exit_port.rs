@@ -2,7 +2,7 @@
 //! minivmm's exit code verbatim (QEMU instead exits with `(v << 1) | 1`), which is how test guests
 //! report pass or fail.
 
-use migration::state::{Migratable, StateError, decode, encode};
+use migration::state::{Persist, StateError};
 use serde::{Deserialize, Serialize};
 
 use super::ExitSignal;
@@ -25,12 +25,6 @@ impl ExitPort {
     pub fn new(exit: ExitSignal) -> Self {
         ExitPort { exit }
     }
-
-    pub fn state(&self) -> ExitPortState {
-        ExitPortState {}
-    }
-
-    pub fn restore(&mut self, _state: &ExitPortState) {}
 }
 
 impl BusDevice for ExitPort {
@@ -49,17 +43,15 @@ impl BusDevice for ExitPort {
     }
 }
 
-impl Migratable for ExitPort {
-    fn id(&self) -> String {
-        ID.to_string()
+impl Persist for ExitPort {
+    type State = ExitPortState;
+    const ID: &'static str = ID;
+
+    fn state(&self) -> ExitPortState {
+        ExitPortState {}
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, StateError> {
-        encode(&self.state())
-    }
-
-    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        self.restore(&decode(bytes)?);
+    fn restore(&mut self, _state: &ExitPortState) -> Result<(), StateError> {
         Ok(())
     }
 }
@@ -67,6 +59,7 @@ impl Migratable for ExitPort {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use migration::state::Migratable;
 
     #[test]
     fn written_byte_becomes_exit_code_and_first_wins() {

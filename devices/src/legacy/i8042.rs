@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 
-use migration::state::{Migratable, StateError, decode, encode};
+use migration::state::{Persist, StateError};
 use serde::{Deserialize, Serialize};
 use vm_superio::{I8042Device, Trigger};
 
@@ -48,12 +48,6 @@ impl I8042 {
             inner: I8042Device::new(ResetTrigger(exit)),
         }
     }
-
-    pub fn state(&self) -> I8042State {
-        I8042State {}
-    }
-
-    pub fn restore(&mut self, _state: &I8042State) {}
 }
 
 impl BusDevice for I8042 {
@@ -75,17 +69,15 @@ impl BusDevice for I8042 {
     }
 }
 
-impl Migratable for I8042 {
-    fn id(&self) -> String {
-        ID.to_string()
+impl Persist for I8042 {
+    type State = I8042State;
+    const ID: &'static str = ID;
+
+    fn state(&self) -> I8042State {
+        I8042State {}
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, StateError> {
-        encode(&self.state())
-    }
-
-    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        self.restore(&decode(bytes)?);
+    fn restore(&mut self, _state: &I8042State) -> Result<(), StateError> {
         Ok(())
     }
 }
@@ -93,6 +85,7 @@ impl Migratable for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use migration::state::Migratable;
 
     const DATA: u64 = 0;
     const CMD_STATUS: u64 = 4;

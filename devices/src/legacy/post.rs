@@ -3,7 +3,7 @@
 //! hit the bus's "no device" path. The last code is kept because it is what a guest (or a human
 //! debugging a hang) can read back.
 
-use migration::state::{Migratable, StateError, decode, encode};
+use migration::state::{Persist, StateError};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::BusDevice;
@@ -32,14 +32,6 @@ impl PostCode {
     pub fn last(&self) -> u8 {
         self.last
     }
-
-    pub fn state(&self) -> PostCodeState {
-        PostCodeState { last: self.last }
-    }
-
-    pub fn restore(&mut self, state: &PostCodeState) {
-        self.last = state.last;
-    }
 }
 
 impl BusDevice for PostCode {
@@ -57,17 +49,16 @@ impl BusDevice for PostCode {
     }
 }
 
-impl Migratable for PostCode {
-    fn id(&self) -> String {
-        ID.to_string()
+impl Persist for PostCode {
+    type State = PostCodeState;
+    const ID: &'static str = ID;
+
+    fn state(&self) -> PostCodeState {
+        PostCodeState { last: self.last }
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, StateError> {
-        encode(&self.state())
-    }
-
-    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
-        self.restore(&decode(bytes)?);
+    fn restore(&mut self, state: &PostCodeState) -> Result<(), StateError> {
+        self.last = state.last;
         Ok(())
     }
 }
@@ -75,6 +66,7 @@ impl Migratable for PostCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use migration::state::Migratable;
 
     #[test]
     fn keeps_last_code_across_migration() {
