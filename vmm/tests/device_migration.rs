@@ -200,8 +200,7 @@ fn migrate_ok(args: &[&str], extra: &str) -> (serde_json::Value, Dev, Dev) {
     assert_rounds_continue(&dst, last_round(&src), 2);
     assert_eq!(dst.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
     assert_eq!(dst.wait_exit(LIMIT).code(), Some(0), "{}", dst.stderr());
-    let mut all = src_lines;
-    all.extend(dst.lines());
+    let all = joined_lines(&src, &dst);
     check_rounds(&rounds(&all));
     assert_contiguous(&heartbeats(&all));
     sd1.assert_strict();

@@ -62,8 +62,7 @@ fn migrate_and_verify(vcpus: &str, extra: &str) {
     let dst_lines = dst.lines();
     no_bad(&src_lines);
     no_bad(&dst_lines);
-    let mut all = src_lines.clone();
-    all.extend(dst_lines);
+    let all = joined_lines(&src, &dst);
     assert_contiguous(&heartbeats(&all));
     let dstats: serde_json::Value =
         serde_json::from_str(dst.stdout().lines().next().unwrap()).unwrap();
@@ -288,8 +287,7 @@ fn failed_source_can_migrate_again() {
     dst.wait_line(|l| l == format!("HB {}", hb + 20), LIMIT);
     dst.ctl(r#"{"cmd":"shutdown"}"#);
     dst.wait_exit(LIMIT);
-    let mut all = src.lines();
-    all.extend(dst.lines());
+    let all = joined_lines(&src, &dst);
     no_bad(&all);
     assert_contiguous(&heartbeats(&all));
 }
@@ -382,8 +380,7 @@ fn migration_between_network_namespaces() {
     dst.wait_line(|l| l == format!("HB {}", hb + 20), LIMIT);
     dst.ctl(r#"{"cmd":"shutdown"}"#);
     assert_eq!(dst.wait_exit(LIMIT).code(), Some(0));
-    let mut all = src.lines();
-    all.extend(dst.lines());
+    let all = joined_lines(&src, &dst);
     no_bad(&all);
     assert_contiguous(&heartbeats(&all));
 }

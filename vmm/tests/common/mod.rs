@@ -147,11 +147,24 @@ impl Drop for Vm {
     }
 }
 
+/// The complete lines of a serial log: a line the guest is still printing is left out, so a
+/// caller never parses half a number.
 pub fn serial_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
+    complete_lines(&std::fs::read_to_string(path).unwrap_or_default())
+}
+
+/// The serial output of a guest that migrated from `src` to `dst`, as one stream: a line
+/// the guest was printing at the switchover starts in the source's log and ends in the
+/// destination's.
+pub fn joined_lines(src: &Vm, dst: &Vm) -> Vec<String> {
+    let read = |vm: &Vm| std::fs::read_to_string(&vm.serial).unwrap_or_default();
+    complete_lines(&(read(src) + &read(dst)))
+}
+
+fn complete_lines(text: &str) -> Vec<String> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| l.trim_end_matches(['\r', '\n']).to_owned())
         .collect()
 }
 
