@@ -509,15 +509,29 @@ def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", wa
         for k in ("guest_downtime_ms", "guest_downtime_excess_ms", "switchover_gap_ms",
                   "precopy_max_gap_ms"):
             hb[k] = None
-    ram = src_stats.get("ram", {})
     breakdown = src_stats.get("downtime-breakdown-us") or {}
-    return {
-        "total_time_ms": src_stats.get("total-time"),
-        "setup_time_ms": src_stats.get("setup-time"),
-        "downtime_ms": src_stats.get("downtime-us", 0) / 1000.0,
+    row = sample_row(src_stats, hb, after, src_stats.get("downtime-us", 0) / 1000.0, ok,
+                     dst_alive, dst_stats.get("status") if dst_stats else None)
+    row.update({
         "downtime_breakdown_us": breakdown,
         # Downtime the breakdown does not name (e.g. the hand-over round trips).
         "downtime_unaccounted_us": src_stats.get("downtime-us", 0) - sum(breakdown.values()),
+        "downtime_bytes": src_stats.get("ram", {}).get("downtime-bytes"),
+        "host_request_to_source_exit_ms": round((t_src_exit - t_request) * 1000.0, 3),
+        "source_paused_first": pause_source,
+        "destination_stats": dst_stats,
+    })
+    return row
+
+
+def sample_row(stats, hb, dst_lines_after, downtime_ms, correct, dst_alive, dst_status):
+    """The fields every sample has, minivmm's or QEMU's: `stats` in query-migrate's names
+    (which minivmm's statistics use too), the heartbeat report and the destination checks."""
+    ram = stats.get("ram", {})
+    return {
+        "total_time_ms": stats.get("total-time"),
+        "setup_time_ms": stats.get("setup-time"),
+        "downtime_ms": downtime_ms,
         "guest_downtime_ms": hb["guest_downtime_ms"],
         "guest_downtime_excess_ms": hb["guest_downtime_excess_ms"],
         "switchover_gap_ms": hb["switchover_gap_ms"],
@@ -529,19 +543,15 @@ def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", wa
         "iterations": ram.get("dirty-sync-count"),
         "dirty_pages_rate": ram.get("dirty-pages-rate"),
         "mbps": ram.get("mbps"),
-        "downtime_bytes": ram.get("downtime-bytes"),
-        "host_request_to_source_exit_ms": round((t_src_exit - t_request) * 1000.0, 3),
-        "source_paused_first": pause_source,
-        "correct": ok,
+        "correct": correct,
         "checks": {
             "heartbeats": hb,
             "destination_alive_after_settle": dst_alive,
-            "destination_status": dst_stats.get("status") if dst_stats else None,
-            "dst_pass_lines": sum(1 for l in after if l.startswith("PASS ")),
-            "dst_verify_lines": sum(1 for l in after if l.startswith("VERIFY ok")),
+            "destination_status": dst_status,
+            "dst_pass_lines": sum(1 for l in dst_lines_after if l.startswith("PASS ")),
+            "dst_verify_lines": sum(1 for l in dst_lines_after if l.startswith("VERIFY ok")),
         },
-        "source_stats": src_stats,
-        "destination_stats": dst_stats,
+        "source_stats": stats,
     }
 
 

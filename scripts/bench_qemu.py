@@ -150,31 +150,9 @@ def run_qemu_guest_migration(procs, *, image, memory_mib, cmdline, accel="kvm",
     after = [l for t, l in dst_lines if t >= t_done]
     ok = (not hb["bad_lines"] and hb["contiguous"] and dst_alive and hb["dst_hb_count"] > 0
           and dst_status == "running")
-    ram = info.get("ram", {})
-    return {
-        "total_time_ms": info.get("total-time"),
-        "setup_time_ms": info.get("setup-time"),
-        "downtime_ms": info.get("downtime"),
-        "guest_downtime_ms": hb["guest_downtime_ms"],
-        "guest_downtime_excess_ms": hb["guest_downtime_excess_ms"],
-        "switchover_gap_ms": hb["switchover_gap_ms"],
-        "later_max_gap_ms": hb["later_max_gap_ms"],
-        "precopy_max_gap_ms": hb["precopy_max_gap_ms"],
-        "transferred_bytes": ram.get("transferred"),
-        "normal_pages": ram.get("normal"),
-        "zero_pages": ram.get("duplicate"),
-        "iterations": ram.get("dirty-sync-count"),
-        "dirty_pages_rate": ram.get("dirty-pages-rate"),
-        "mbps": ram.get("mbps"),
+    row = bl.sample_row(info, hb, after, info.get("downtime"), ok, dst_alive, dst_status)
+    row.update({
         "host_request_to_completed_ms": round((t_done - t_request) * 1000.0, 3),
         "accel": accel,
-        "correct": ok,
-        "checks": {
-            "heartbeats": hb,
-            "destination_alive_after_settle": dst_alive,
-            "destination_status": dst_status,
-            "dst_pass_lines": sum(1 for l in after if l.startswith("PASS ")),
-            "dst_verify_lines": sum(1 for l in after if l.startswith("VERIFY ok")),
-        },
-        "source_stats": info,
-    }
+    })
+    return row
