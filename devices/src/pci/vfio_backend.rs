@@ -101,31 +101,12 @@ pub struct VfioIrqInfo {
     pub count: u32,
 }
 
-/// VFIO v2 device states (`enum vfio_device_mig_state`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MigrationState {
-    Error = 0,
-    Stop = 1,
-    Running = 2,
-    StopCopy = 3,
-    Resuming = 4,
-    RunningP2p = 5,
-    PreCopy = 6,
-    PreCopyP2p = 7,
-}
+/// VFIO v2 device states (`enum vfio_device_mig_state`): one definition for both backends.
+pub use vfio_user::MigState as MigrationState;
 
-impl TryFrom<u32> for MigrationState {
-    type Error = BackendError;
-
-    fn try_from(v: u32) -> Result<Self> {
-        use MigrationState::*;
-        [
-            Error, Stop, Running, StopCopy, Resuming, RunningP2p, PreCopy, PreCopyP2p,
-        ]
-        .into_iter()
-        .find(|s| *s as u32 == v)
-        .ok_or_else(|| BackendError::Invalid(format!("device state {v}")))
-    }
+/// The state a device reports, checked: a value outside the enum is the device's error.
+pub fn migration_state_from(v: u32) -> Result<MigrationState> {
+    MigrationState::from_u32(v).ok_or_else(|| BackendError::Invalid(format!("device state {v}")))
 }
 
 /// A range of guest RAM to make reachable by the device's DMA at `iova` (= its guest-physical
@@ -268,8 +249,8 @@ mod tests {
     #[test]
     fn migration_states_round_trip() {
         for v in 0..8 {
-            assert_eq!(MigrationState::try_from(v).unwrap() as u32, v);
+            assert_eq!(migration_state_from(v).unwrap() as u32, v);
         }
-        assert!(MigrationState::try_from(8).is_err());
+        assert!(migration_state_from(8).is_err());
     }
 }

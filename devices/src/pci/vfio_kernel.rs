@@ -28,7 +28,7 @@ use vmm_sys_util::ioctl_io_nr;
 
 use super::vfio_backend::{
     BackendError, DmaRegion, MigrationState, MmapArea, Result, VFIO_DEVICE_FLAGS_RESET,
-    VfioBackend, VfioDeviceInfo, VfioIrqInfo, VfioRegionInfo,
+    VfioBackend, VfioDeviceInfo, VfioIrqInfo, VfioRegionInfo, migration_state_from,
 };
 
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 7);
@@ -283,7 +283,7 @@ impl VfioBackend for KernelVfioBackend {
     }
 
     fn migration_state(&mut self) -> Result<MigrationState> {
-        MigrationState::try_from(self.device.get_migration_state()?)
+        migration_state_from(self.device.get_migration_state()?)
     }
 
     fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize> {

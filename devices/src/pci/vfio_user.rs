@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vfio_user::vfio::{VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD};
-use vfio_user::{Client, DmaProt, DmaRange, IrqSet, MigData, MigState, RegionCap};
+use vfio_user::{Client, DmaProt, DmaRange, IrqSet, MigData, RegionCap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vfio_backend::{
@@ -153,13 +153,11 @@ impl VfioBackend for VfioUserBackend {
     }
 
     fn set_migration_state(&mut self, state: MigrationState) -> Result<()> {
-        let s = MigState::from_u32(state as u32)
-            .ok_or_else(|| BackendError::Invalid(format!("{state:?}")))?;
-        Ok(self.client.set_mig_state(s)?)
+        Ok(self.client.set_mig_state(state)?)
     }
 
     fn migration_state(&mut self) -> Result<MigrationState> {
-        MigrationState::try_from(self.client.get_mig_state()? as u32)
+        Ok(self.client.get_mig_state()?)
     }
 
     fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize> {
