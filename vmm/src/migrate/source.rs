@@ -110,7 +110,8 @@ pub fn migrate(
     let result = run
         .start_devices(granted)
         .and_then(|()| run.precopy())
-        .and_then(|pending| run.switchover(shared, &pending));
+        .and_then(|pending| run.switchover(shared, &pending))
+        .map_err(|e| peer_reason(&run.rp, e));
     if result.as_ref().is_err_and(|e| !after_go(e)) {
         // A failed pre-copy leaves devices in a saving session: back to RUNNING. (A failed
         // switchover recovered them before resuming the vCPUs; this then only reads states.)
@@ -323,6 +324,50 @@ impl Run<'_> {
     }
 }
 
+/// How long a source whose writes fail because the destination hung up waits for the
+/// destination's reason, which it sends before closing.
+const PEER_REASON_WAIT: Duration = Duration::from_millis(500);
+
+/// A write that failed because the destination closed the connection usually has the
+/// destination's `Abandon` waiting on the return path: that reason, not "broken pipe", is
+/// what the user needs.
+fn peer_reason(rp: &ReturnPath, e: SourceError) -> SourceError {
+    if !peer_hung_up(&e) {
+        return e;
+    }
+    let deadline = Instant::now() + PEER_REASON_WAIT;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rp.recv_timeout(left) {
+            Ok(Message::Abandon { reason }) | Err(ProtocolError::Abandoned(reason)) => {
+                return SourceError::Abandoned(reason);
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    e
+}
+
+fn peer_hung_up(e: &SourceError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    if matches!(
+        e,
+        SourceError::Protocol(ProtocolError::Closed)
+            | SourceError::Migration(MigrationError::Protocol(ProtocolError::Closed))
+    ) {
+        return true;
+    }
+    // However deep the socket error sits (memory stream, device data, state messages).
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted);
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// The destination's `Abandon` seen on the return path is its own error kind.
 fn abandoned(e: MigrationError) -> SourceError {
     match e {
@@ -330,5 +375,54 @@ fn abandoned(e: MigrationError) -> SourceError {
             SourceError::Abandoned(reason)
         }
         other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Cursor, Error, ErrorKind};
+
+    fn broken(kind: ErrorKind) -> SourceError {
+        SourceError::Migration(MigrationError::Protocol(ProtocolError::Io(Error::from(
+            kind,
+        ))))
+    }
+
+    #[test]
+    fn a_hung_up_destination_is_told_from_other_failures() {
+        assert!(peer_hung_up(&broken(ErrorKind::BrokenPipe)));
+        assert!(peer_hung_up(&broken(ErrorKind::ConnectionReset)));
+        assert!(peer_hung_up(&SourceError::Protocol(ProtocolError::Closed)));
+        let deep = SourceError::Device(DeviceError::Protocol(ProtocolError::Io(Error::from(
+            ErrorKind::BrokenPipe,
+        ))));
+        assert!(peer_hung_up(&deep));
+        assert!(!peer_hung_up(&broken(ErrorKind::TimedOut)));
+        assert!(!peer_hung_up(&SourceError::Timeout(Duration::from_secs(1))));
+    }
+
+    #[test]
+    fn the_destination_reason_replaces_a_broken_pipe() {
+        let reason = "device vfio0: stream corrupt".to_owned();
+        let msg = Message::Abandon {
+            reason: reason.clone(),
+        };
+        let (head, tail) = migration::protocol::encode_frame(&msg).unwrap();
+        let mut wire = head;
+        wire.extend_from_slice(tail);
+        let rp = ReturnPath::spawn(Cursor::new(wire)).unwrap();
+        match peer_reason(&rp, broken(ErrorKind::BrokenPipe)) {
+            SourceError::Abandoned(r) => assert_eq!(r, reason),
+            other => panic!("{other}"),
+        }
+        // Nothing on the return path: the original error stands, after a bounded wait.
+        let rp = ReturnPath::spawn(Cursor::new(Vec::new())).unwrap();
+        let e = peer_reason(&rp, broken(ErrorKind::BrokenPipe));
+        assert!(peer_hung_up(&e), "{e}");
+        // A local failure is not the destination's: returned as it is.
+        let rp = ReturnPath::spawn(Cursor::new(Vec::new())).unwrap();
+        let e = peer_reason(&rp, SourceError::Timeout(Duration::from_secs(1)));
+        assert!(matches!(e, SourceError::Timeout(_)));
     }
 }
