@@ -422,6 +422,19 @@ def last_json_line(text):
     return None
 
 
+def settle(dst, tail, dst_log, t_moved, end, min_settle_s, settle_until):
+    """Watches the destination once the guest runs there (from `t_moved`): until a serial
+    line matching `settle_until` after at least `min_settle_s`, or until `end`. Returns
+    whether the destination process is still alive."""
+    while time.monotonic() < end and dst.poll() is None:
+        if (settle_until and time.monotonic() >= t_moved + min_settle_s
+                and tail.find(dst_log, settle_until, after=t_moved)):
+            break
+        time.sleep(0.02)
+    time.sleep(max(0.0, t_moved + min_settle_s - time.monotonic()))
+    return dst.poll() is None
+
+
 def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", warmup_s=2.0,
                           settle_until=None, settle_s=1.0, min_settle_s=0.3, downtime_ms=300,
                           max_bandwidth=None, timeout_s=120.0, hb_ms=20, guest="dirtier",
@@ -480,15 +493,8 @@ def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", wa
         if src_rc != 0 or not src_stats or src_stats.get("status") != "completed":
             raise BenchError(f"migration failed: source exit {src_rc}, stats {src_stats}, "
                              f"stderr: {procs.output('src', 'err')[-2000:]}")
-        # The guest runs on the destination now: watch it for a while.
-        settle_end = min(deadline, t_src_exit + settle_s)
-        while time.monotonic() < settle_end and dst.poll() is None:
-            if (settle_until and time.monotonic() >= t_src_exit + min_settle_s
-                    and tail.find(dst_log, settle_until, after=t_src_exit)):
-                break
-            time.sleep(0.02)
-        time.sleep(max(0.0, t_src_exit + min_settle_s - time.monotonic()))
-        dst_alive = dst.poll() is None
+        dst_alive = settle(dst, tail, dst_log, t_src_exit, min(deadline, t_src_exit + settle_s),
+                           min_settle_s, settle_until)
         if dst_alive:
             try:
                 api_request(dst_sock, "shutdown", timeout=5)

@@ -121,14 +121,8 @@ def run_qemu_guest_migration(procs, *, image, memory_mib, cmdline, accel="kvm",
             t_done = time.monotonic()
             bl.wait_for("the QEMU destination to run",
                         lambda: qd.cmd("query-status").get("status") == "running", 30, [dst])
-            settle_end = min(deadline, t_done + settle_s)
-            while time.monotonic() < settle_end and dst.poll() is None:
-                if (settle_until and time.monotonic() >= t_done + min_settle_s
-                        and tail.find(dst_log, settle_until, after=t_done)):
-                    break
-                time.sleep(0.02)
-            time.sleep(max(0.0, t_done + min_settle_s - time.monotonic()))
-            dst_alive = dst.poll() is None
+            dst_alive = bl.settle(dst, tail, dst_log, t_done, min(deadline, t_done + settle_s),
+                                  min_settle_s, settle_until)
             dst_status = qd.cmd("query-status").get("status") if dst_alive else None
         finally:
             for q in (qs, qd):
