@@ -116,18 +116,7 @@ fn destination(addr: &str, dev: &Dev, env: &[(&str, &str)]) -> Vm {
 
 /// dmatest on `dev`, once it has finished its first round.
 fn source(dev: &Dev, env: &[(&str, &str)]) -> Vm {
-    let args = [
-        "run",
-        "--guest",
-        "dmatest",
-        "--vfio-user",
-        dev.path(),
-        "--memory",
-        "128M",
-        "--cmdline",
-        GUEST,
-    ];
-    let vm = Vm::spawn_env(&args, env);
+    let vm = Vm::spawn_env(&dmatest_args(dev.path(), GUEST), env);
     vm.wait_line(|l| l.starts_with("DMATEST round 1 ok"), LIMIT);
     vm
 }

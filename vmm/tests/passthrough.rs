@@ -12,20 +12,7 @@ const LIMIT: Duration = Duration::from_secs(90);
 #[test]
 fn dmatest_drives_sampledev_end_to_end() {
     let dev = SampleDev::spawn(&["--state-size", "1M"]);
-    let out = run_to_end(
-        &[
-            "run",
-            "--guest",
-            "dmatest",
-            "--vfio-user",
-            dev.path(),
-            "--memory",
-            "128M",
-            "--cmdline",
-            "rounds=3 bufs=4",
-        ],
-        LIMIT,
-    );
+    let out = run_to_end(&dmatest_args(dev.path(), "rounds=3 bufs=4"), LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -53,17 +40,7 @@ fn dmatest_drives_sampledev_end_to_end() {
 #[test]
 fn device_process_dying_is_reported_without_hanging() {
     let mut dev = SampleDev::spawn(&["--state-size", "1M"]);
-    let mut vm = Vm::spawn(&[
-        "run",
-        "--guest",
-        "dmatest",
-        "--vfio-user",
-        dev.path(),
-        "--memory",
-        "128M",
-        "--cmdline",
-        "rounds=0 bufs=4",
-    ]);
+    let mut vm = Vm::spawn(&dmatest_args(dev.path(), "rounds=0 bufs=4"));
     vm.wait_line(|l| l.starts_with("DMATEST round 2 ok"), LIMIT);
     dev.child.kill().unwrap();
     let status = vm.wait_exit(LIMIT);

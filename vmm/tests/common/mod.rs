@@ -149,6 +149,21 @@ impl Drop for Vm {
 
 /// The complete lines of a serial log: a line the guest is still printing is left out, so a
 /// caller never parses half a number.
+/// `minivmm run` arguments for the dmatest guest (128 MiB) driving the sampledev at `dev`.
+pub fn dmatest_args<'a>(dev: &'a str, cmdline: &'a str) -> [&'a str; 9] {
+    [
+        "run",
+        "--guest",
+        "dmatest",
+        "--vfio-user",
+        dev,
+        "--memory",
+        "128M",
+        "--cmdline",
+        cmdline,
+    ]
+}
+
 pub fn serial_lines(path: &Path) -> Vec<String> {
     complete_lines(&std::fs::read_to_string(path).unwrap_or_default())
 }
