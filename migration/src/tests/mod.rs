@@ -8,38 +8,11 @@ mod protocol;
 mod session;
 mod throughput;
 
-use crate::description::{CpuidEntry, DeviceDescription, MigrationCaps, VmDescription};
 use crate::protocol::{DestTimings, DevicePhase, Message};
 use crate::ranges::MemoryRange;
 
-pub(crate) fn description() -> VmDescription {
-    VmDescription {
-        ram: vec![
-            MemoryRange::new(0, 0x10_0000),
-            MemoryRange::new(0x100_0000, 0x4_0000),
-        ],
-        vcpus: 2,
-        cpuid: vec![CpuidEntry {
-            function: 0xd,
-            index: 1,
-            flags: 1,
-            eax: 0xf,
-            ebx: 0x340,
-            ecx: 0,
-            edx: 0,
-        }],
-        devices: vec![DeviceDescription {
-            id: "sampledev0".into(),
-            kind: "vfio-user".into(),
-            caps: MigrationCaps {
-                stop_copy: true,
-                p2p: true,
-                pre_copy: true,
-                dirty_tracking: true,
-            },
-        }],
-    }
-}
+/// The description the protocol and session tests send: description.rs's own sample.
+pub(crate) use crate::description::tests::sample as description;
 
 /// One of every message that `Channel::send` carries (all but `MemoryPages`).
 pub(crate) fn every_message() -> Vec<Message> {
