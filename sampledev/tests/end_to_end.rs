@@ -40,6 +40,17 @@ fn set_vector_mask(c: &Client, vector: u64, masked: bool) {
     .unwrap();
 }
 
+/// A sampledev with 64 KiB of state, connected, and RAM_SIZE of memfd RAM mapped for its
+/// DMA at RAM_IOVA. The server is returned to be kept alive.
+fn device_with_ram() -> (Server, Client, std::fs::File) {
+    let srv = Server::start("64K");
+    let c = srv.connect();
+    let ram = memfd(RAM_SIZE);
+    c.dma_map(RAM_IOVA, RAM_SIZE, ram.as_fd(), 0, DmaProt::READ_WRITE)
+        .unwrap();
+    (srv, c, ram)
+}
+
 fn start(c: &Client, cmd: u64, src: u64, dst: u64, len: u64, seed: u64) {
     wr(c, REG_DMA_SRC, src);
     wr(c, REG_DMA_DST, dst);
@@ -77,11 +88,7 @@ fn describes_a_pci_function() {
 
 #[test]
 fn dma_fill_copy_msix_counter_and_state() {
-    let srv = Server::start("64K");
-    let c = srv.connect();
-    let ram = memfd(RAM_SIZE);
-    c.dma_map(RAM_IOVA, RAM_SIZE, ram.as_fd(), 0, DmaProt::READ_WRITE)
-        .unwrap();
+    let (_srv, c, ram) = device_with_ram();
     let irqs = [eventfd(), eventfd(), eventfd(), eventfd()];
     let refs: Vec<_> = irqs.iter().collect();
     c.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, 0, &refs)
@@ -149,11 +156,7 @@ fn check_state_after_ops(c: &Client, ops: u64) {
 
 #[test]
 fn guest_errors_show_in_status() {
-    let srv = Server::start("64K");
-    let c = srv.connect();
-    let ram = memfd(RAM_SIZE);
-    c.dma_map(RAM_IOVA, RAM_SIZE, ram.as_fd(), 0, DmaProt::READ_WRITE)
-        .unwrap();
+    let (_srv, c, ram) = device_with_ram();
     let irq = eventfd();
     c.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, 0, &[&irq])
         .unwrap();
@@ -200,11 +203,7 @@ fn guest_errors_show_in_status() {
 
 #[test]
 fn masking_bus_master_reset_and_unmap() {
-    let srv = Server::start("64K");
-    let c = srv.connect();
-    let ram = memfd(RAM_SIZE);
-    c.dma_map(RAM_IOVA, RAM_SIZE, ram.as_fd(), 0, DmaProt::READ_WRITE)
-        .unwrap();
+    let (_srv, c, _ram) = device_with_ram();
     let irq = eventfd();
     c.set_irq_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, 2, &[&irq])
         .unwrap();
