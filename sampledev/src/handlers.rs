@@ -64,6 +64,10 @@ fn version(s: &mut Session<'_>, req: Request) -> Result<Reply, Refusal> {
         caps: Capabilities {
             max_msg_fds: Some(MAX_MSG_FDS as u64),
             max_data_xfer_size: Some(MAX_DATA_XFER_SIZE as u64),
+            device_features: Some(vec![
+                vfio_user::vfio::VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+                vfio_user::vfio::VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOV2,
+            ]),
             ..Default::default()
         },
     };

@@ -23,6 +23,16 @@ pub struct Capabilities {
     /// Migration parameters; absent means the sender does not support migration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<serde_json::Value>,
+    /// minivmm's extension: DEVICE_FEATURE indices beyond the spec's (the kernel's 9,
+    /// MIG_DATA_SIZE, and 12, PRECOPY_INFO) that the server answers. A client asks a server
+    /// only for those it lists: servers written to the spec, such as libvfio-user's, log
+    /// every unknown feature as an error.
+    #[serde(
+        rename = "x-device-features",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub device_features: Option<Vec<u32>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -42,6 +52,13 @@ impl Capabilities {
     pub fn max_data_xfer_size(&self) -> usize {
         let n = self.max_data_xfer_size.unwrap_or(MAX_DATA_XFER_SIZE as u64);
         usize::try_from(n).unwrap_or(usize::MAX)
+    }
+
+    /// Whether the peer lists extension feature `index` in `x-device-features`.
+    pub fn offers_feature(&self, index: u32) -> bool {
+        self.device_features
+            .as_ref()
+            .is_some_and(|f| f.contains(&index))
     }
 
     /// The version-data bytes: JSON with its terminating NUL.

@@ -17,7 +17,7 @@ use crate::fsm::MigState;
 use crate::header::Command;
 use crate::migmsg::{
     DeviceFeature, DmaLoggingReport, DmaLoggingStart, DmaRange, MIG_DATA_HEADER_SIZE, MigDataRead,
-    MigStateData, PrecopyInfo, decode_mig_data, decode_u64, encode_mig_data,
+    MigStateData, PrecopyInfo, decode_mig_data_reply, decode_u64, encode_mig_data,
 };
 use crate::vfio::*;
 
@@ -136,7 +136,7 @@ impl Client {
             Err(e) if e.errno() == Some(libc::ENOMSG) => return Ok(MigData::NotNow),
             Err(e) => return Err(e),
         };
-        let data = decode_mig_data(&m.payload)?;
+        let data = decode_mig_data_reply(&m.payload, size)?;
         Ok(if data.is_empty() {
             MigData::End
         } else {
@@ -163,6 +163,7 @@ impl Client {
     /// for `VFIO_MIG_GET_PRECOPY_INFO`: this is GET on feature 12 returning
     /// `struct vfio_precopy_info` (an extension that sampledev implements).
     pub fn precopy_info(&self) -> Result<PrecopyInfo> {
+        self.offered(VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOV2)?;
         let flags = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOV2;
         let data = self.device_feature(flags, &[], PrecopyInfo::SIZE)?;
         PrecopyInfo::decode(&data)
@@ -170,9 +171,19 @@ impl Client {
 
     /// Estimated bytes the device will produce in STOP_COPY (feature 9, the kernel's layout).
     pub fn mig_data_size(&self) -> Result<u64> {
+        self.offered(VFIO_DEVICE_FEATURE_MIG_DATA_SIZE)?;
         let flags = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DATA_SIZE;
         let data = self.device_feature(flags, &[], 8)?;
         decode_u64(&data, "MIG_DATA_SIZE")
+    }
+
+    /// Extension features are asked only of servers that offer them.
+    fn offered(&self, feature: u32) -> Result<()> {
+        if self.version().server.offers_feature(feature) {
+            Ok(())
+        } else {
+            Err(Error::NotOffered(feature))
+        }
     }
 
     /// Whether the device can log its DMA writes.

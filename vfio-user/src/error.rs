@@ -57,6 +57,9 @@ pub enum Error {
     /// An earlier failure left the connection in an unknown state.
     #[error("vfio-user connection unusable after an earlier failure: {0}")]
     Broken(String),
+    /// An extension feature the server did not offer in its VERSION reply; nothing was sent.
+    #[error("the server does not offer device feature {0} (not in its x-device-features)")]
+    NotOffered(u32),
     /// The caller asked for something the protocol cannot express.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

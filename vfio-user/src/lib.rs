@@ -36,7 +36,8 @@ pub use messages::{
 };
 pub use migmsg::{
     DeviceFeature, DmaLoggingReport, DmaLoggingStart, DmaRange, MIG_DATA_HEADER_SIZE, MigDataRead,
-    MigStateData, PrecopyInfo, decode_mig_data, decode_u64, encode_mig_data, encode_u64,
+    MigStateData, PrecopyInfo, decode_mig_data, decode_mig_data_reply, decode_u64, encode_mig_data,
+    encode_u64,
 };
 pub use region::{RegionCap, RegionInfo, SparseArea};
 pub use server::{Request, ServerConn};

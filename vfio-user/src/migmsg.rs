@@ -296,9 +296,50 @@ pub fn decode_mig_data(p: &[u8]) -> Result<&[u8]> {
     Ok(data)
 }
 
+/// Decodes a MIG_DATA_READ reply to a request for `asked` bytes. `size` is the truth: it may
+/// not exceed `asked`, and the message may carry padding past it (libvfio-user pads replies
+/// to the size requested) but no more than `asked` bytes of data in all.
+pub fn decode_mig_data_reply(p: &[u8], asked: usize) -> Result<&[u8]> {
+    let mut r = Reader::new(p, "MIG_DATA_READ reply");
+    let _argsz = r.u32()?;
+    let size = r.u32()? as usize;
+    let data = r.rest();
+    if size > asked || data.len() > asked || data.len() < size {
+        return Err(malformed(format!(
+            "migration data reply says {size} bytes, carries {}, for a read of {asked}",
+            data.len()
+        )));
+    }
+    Ok(&data[..size])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mig_data_reply_may_be_padded_up_to_the_request() {
+        let mut padded = encode_mig_data(&[1; 16384]);
+        padded[4..8].copy_from_slice(&100u32.to_le_bytes());
+        assert_eq!(decode_mig_data_reply(&padded, 16384).unwrap(), &[1; 100]);
+        // Exactly what was asked, unpadded, and an empty end-of-stream reply.
+        let exact = encode_mig_data(&[2; 64]);
+        assert_eq!(decode_mig_data_reply(&exact, 64).unwrap(), &[2; 64]);
+        assert!(
+            decode_mig_data_reply(&encode_mig_data(&[]), 64)
+                .unwrap()
+                .is_empty()
+        );
+        // More than asked, a size above the request, or a size past the data: refused.
+        assert!(decode_mig_data_reply(&exact, 63).is_err());
+        let mut big = encode_mig_data(&[3; 8]);
+        big[4..8].copy_from_slice(&9u32.to_le_bytes());
+        assert!(decode_mig_data_reply(&big, 64).is_err());
+        let mut liar = encode_mig_data(&[4; 8]);
+        liar[4..8].copy_from_slice(&65u32.to_le_bytes());
+        assert!(decode_mig_data_reply(&liar, 64).is_err());
+        assert!(decode_mig_data_reply(&exact[..6], 64).is_err());
+    }
 
     #[test]
     fn feature_flags_checked() {

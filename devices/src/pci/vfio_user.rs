@@ -177,12 +177,19 @@ impl VfioBackend for VfioUserBackend {
     }
 
     fn precopy_info(&mut self) -> Result<(u64, u64)> {
-        let p = self.client.precopy_info()?;
-        Ok((p.initial_bytes, p.dirty_bytes))
+        match self.client.precopy_info() {
+            Ok(p) => Ok((p.initial_bytes, p.dirty_bytes)),
+            Err(vfio_user::Error::NotOffered(_)) => Err(BackendError::Unsupported("PRECOPY_INFO")),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn stop_copy_size(&mut self) -> Result<u64> {
-        Ok(self.client.mig_data_size()?)
+        match self.client.mig_data_size() {
+            Ok(n) => Ok(n),
+            Err(vfio_user::Error::NotOffered(_)) => Err(BackendError::Unsupported("MIG_DATA_SIZE")),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn dma_logging_start(&mut self, page_size: u64, ranges: &[(u64, u64)]) -> Result<u64> {
