@@ -172,7 +172,10 @@ fn check_cpuid(src: &[CpuidEntry], dst: &[CpuidEntry]) -> Result<(), Description
     Ok(())
 }
 
-fn check_devices(
+/// The destination's devices against the source's: the same ids and kinds, and states the
+/// streams rely on. A source that does not pre-copy a device (`pre-copy=off`) needs nothing
+/// of the destination's PRE_COPY; one that does needs it there too.
+pub fn check_devices(
     src: &[DeviceDescription],
     dst: &[DeviceDescription],
 ) -> Result<(), DescriptionError> {
@@ -189,7 +192,11 @@ fn check_devices(
                 s.id, s.kind, d.kind
             )));
         }
-        if d.caps != s.caps {
+        let dst_caps = MigrationCaps {
+            pre_copy: d.caps.pre_copy && s.caps.pre_copy,
+            ..d.caps
+        };
+        if dst_caps != s.caps {
             return Err(incompatible(format!(
                 "device {:?} migration capabilities differ: source {:?}, destination {:?}",
                 s.id, s.caps, d.caps
@@ -279,5 +286,9 @@ pub(crate) mod tests {
         let mut dst = sample();
         dst.devices.clear();
         assert!(src.check_compatible(&dst).is_err());
+        // A source that does not pre-copy the device can use one that could.
+        let mut src = sample();
+        src.devices[0].caps.pre_copy = false;
+        src.check_compatible(&sample()).unwrap();
     }
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use devices::serial::SerialOutput;
 
+use crate::devices_setup::Passthrough;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "minivmm",
@@ -53,11 +55,12 @@ pub enum Command {
 pub struct ReceiveArgs {
     #[arg(long)]
     pub listen: String,
-    /// The destination's own passthrough devices, matching the source's in order.
-    #[arg(long)]
-    pub vfio: Vec<PathBuf>,
-    #[arg(long)]
-    pub vfio_user: Vec<PathBuf>,
+    /// The destination's own passthrough devices, matching the source's in order
+    /// (`PATH[,pre-copy=on|off]`, as for `run`).
+    #[arg(long, value_name = "PATH[,OPTS]", value_parser = parse_vfio)]
+    pub vfio: Vec<Passthrough>,
+    #[arg(long, value_name = "SOCKET[,OPTS]", value_parser = parse_vfio_user)]
+    pub vfio_user: Vec<Passthrough>,
 
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
@@ -107,11 +110,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
     /// Pass a host PCI device through with kernel VFIO (/sys/bus/pci/devices/BDF); repeatable.
-    #[arg(long)]
-    pub vfio: Vec<PathBuf>,
+    /// Options after commas: pre-copy=off migrates the device in stop-copy only.
+    #[arg(long, value_name = "PATH[,OPTS]", value_parser = parse_vfio)]
+    pub vfio: Vec<Passthrough>,
     /// Pass through the device a vfio-user server (e.g. sampledev) serves on SOCKET; repeatable.
-    #[arg(long)]
-    pub vfio_user: Vec<PathBuf>,
+    /// Options after commas: pre-copy=off migrates the device in stop-copy only.
+    #[arg(long, value_name = "SOCKET[,OPTS]", value_parser = parse_vfio_user)]
+    pub vfio_user: Vec<Passthrough>,
     /// Live-migrate the VM to this HOST:PORT once it runs.
     #[arg(long)]
     pub migrate_to: Option<String>,
@@ -163,20 +168,52 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// The passthrough devices of a command line, kernel VFIO first, each kind in order given.
-pub fn passthrough(
-    vfio: &[PathBuf],
-    vfio_user: &[PathBuf],
-) -> Vec<crate::devices_setup::Passthrough> {
-    use crate::devices_setup::Passthrough;
-    let kernel = vfio.iter().cloned().map(Passthrough::Kernel);
-    kernel
-        .chain(vfio_user.iter().cloned().map(Passthrough::User))
-        .collect()
+/// `--vfio PATH[,pre-copy=on|off]`.
+pub fn parse_vfio(s: &str) -> Result<Passthrough, String> {
+    Passthrough::parse(s, false)
+}
+
+/// `--vfio-user SOCKET[,pre-copy=on|off]`.
+pub fn parse_vfio_user(s: &str) -> Result<Passthrough, String> {
+    Passthrough::parse(s, true)
+}
+
+/// Every passthrough device in id order: kernel VFIO ones first (vfio0, ...), then vfio-user.
+pub fn passthrough(vfio: &[Passthrough], vfio_user: &[Passthrough]) -> Vec<Passthrough> {
+    vfio.iter().chain(vfio_user).cloned().collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passthrough_options() {
+        use crate::devices_setup::PassthroughBackend;
+        let p = parse_vfio_user("/tmp/s.sock,pre-copy=off").unwrap();
+        assert_eq!(p.backend, PassthroughBackend::User("/tmp/s.sock".into()));
+        assert!(!p.pre_copy);
+        assert_eq!(p.describe(), "--vfio-user /tmp/s.sock,pre-copy=off");
+        let p = parse_vfio("/sys/bus/pci/devices/0000:03:00.0").unwrap();
+        assert!(p.pre_copy);
+        assert!(parse_vfio("/x,pre-copy=on").unwrap().pre_copy);
+        let e = parse_vfio_user("/tmp/s,precopy=off").unwrap_err();
+        assert_eq!(
+            e,
+            "--vfio-user '/tmp/s,precopy=off': unknown option 'precopy=off' (known: \
+             pre-copy=on|off)"
+        );
+        let e = parse_vfio("/x,pre-copy=maybe").unwrap_err();
+        assert!(
+            e.contains("pre-copy=maybe: expected pre-copy=on or pre-copy=off"),
+            "{e}"
+        );
+        assert!(
+            parse_vfio_user(",pre-copy=off")
+                .unwrap_err()
+                .contains("no path")
+        );
+    }
 
     #[test]
     fn sizes() {

@@ -18,7 +18,10 @@ use devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN, SerialDevice, SerialError, 
 use migration::state::Migratable;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START};
+use crate::layout::{
+    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_IO_SIZE, PCI_IO_START, PCI_MMIO_SIZE, PCI_MMIO_START,
+    PCI_MMIO64_SIZE, intx_gsi, pci_mmio64_start,
+};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vm::Vm;
 
@@ -38,22 +41,73 @@ pub enum DeviceSetupError {
     Passthrough { what: String, err: String },
 }
 
-/// A passthrough device on the command line.
+/// How a passthrough device is reached.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Passthrough {
+pub enum PassthroughBackend {
     /// `--vfio /sys/bus/pci/devices/BDF`: kernel VFIO (container/group).
     Kernel(PathBuf),
     /// `--vfio-user SOCKET`: a vfio-user server such as sampledev.
     User(PathBuf),
 }
 
+/// A passthrough device on the command line: `PATH[,pre-copy=on|off]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Passthrough {
+    pub backend: PassthroughBackend,
+    /// `pre-copy=off`: migrate this device in stop-copy only, as QEMU's
+    /// `x-allow-pre-copy=false`, for devices whose pre-copy stream is unusable.
+    pub pre_copy: bool,
+}
+
 impl Passthrough {
-    fn describe(&self) -> String {
-        match self {
-            Passthrough::Kernel(p) => format!("--vfio {}", p.display()),
-            Passthrough::User(p) => format!("--vfio-user {}", p.display()),
+    /// Parses the value of `--vfio` (`user` false) or `--vfio-user` (`user` true).
+    pub fn parse(value: &str, user: bool) -> Result<Self, String> {
+        let flag = if user { "--vfio-user" } else { "--vfio" };
+        let mut parts = value.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| {
+            format!("{flag} '{value}': no path (expected PATH[,pre-copy=on|off])")
+        })?;
+        let mut pre_copy = true;
+        for opt in parts {
+            pre_copy = match opt.split_once('=') {
+                Some(("pre-copy", "on")) => true,
+                Some(("pre-copy", "off")) => false,
+                Some(("pre-copy", v)) => {
+                    return Err(format!(
+                        "{flag} '{value}': pre-copy={v}: expected pre-copy=on or pre-copy=off"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "{flag} '{value}': unknown option '{opt}' (known: pre-copy=on|off)"
+                    ));
+                }
+            };
         }
+        let path = PathBuf::from(path);
+        let backend = if user {
+            PassthroughBackend::User(path)
+        } else {
+            PassthroughBackend::Kernel(path)
+        };
+        Ok(Passthrough { backend, pre_copy })
     }
+
+    /// As the user wrote it, for messages.
+    pub fn describe(&self) -> String {
+        let (flag, path) = match &self.backend {
+            PassthroughBackend::Kernel(p) => ("--vfio", p),
+            PassthroughBackend::User(p) => ("--vfio-user", p),
+        };
+        let opts = if self.pre_copy { "" } else { ",pre-copy=off" };
+        format!("{flag} {}{opts}", path.display())
+    }
+}
+
+/// A passthrough device on the PCI bus, with how it was given.
+pub struct PassthroughDevice {
+    pub spec: Passthrough,
+    pub dev: Arc<Mutex<VfioPciDevice>>,
 }
 
 /// The emulated devices, each shared between its bus and the migration code.
@@ -69,15 +123,14 @@ pub struct Devices {
     pub pci_config: Arc<Mutex<PciConfigIo>>,
     pub routing: Arc<KvmMsiRouting>,
     /// Passthrough devices in command-line order (ids vfio0, vfio1, ...).
-    pub passthrough: Vec<Arc<Mutex<VfioPciDevice>>>,
-    /// How each passthrough device was given (`--vfio-user PATH`), for messages.
-    pub passthrough_specs: Vec<String>,
+    pub passthrough: Vec<PassthroughDevice>,
     kernel_vfio: Option<Arc<KernelVfioContainer>>,
 }
 
 impl Devices {
     pub fn new(
         vm: &Vm,
+        ram_size: u64,
         serial_out: &SerialOutput,
         exit: &ExitSignal,
     ) -> Result<Self, DeviceSetupError> {
@@ -97,7 +150,7 @@ impl Devices {
         pio.insert(EXIT_PORT_BASE, EXIT_PORT_LEN, exit_port.clone())?;
         pio.insert(CMOS_BASE, CMOS_LEN, cmos.clone())?;
         pio.insert(POST_BASE, POST_LEN, post.clone())?;
-        let (pci, pci_config) = pci_root(&pio, &mmio)?;
+        let (pci, pci_config) = pci_root(&pio, &mmio, ram_size)?;
         Ok(Devices {
             pio,
             mmio,
@@ -110,7 +163,6 @@ impl Devices {
             pci_config,
             routing: Arc::new(KvmMsiRouting::new(vm.fd.clone(), true)),
             passthrough: Vec::new(),
-            passthrough_specs: Vec::new(),
             kernel_vfio: None,
         })
     }
@@ -126,11 +178,11 @@ impl Devices {
             what: spec.describe(),
             err: e.to_string(),
         };
-        let backend: Box<dyn VfioBackend> = match spec {
-            Passthrough::User(sock) => {
+        let backend: Box<dyn VfioBackend> = match &spec.backend {
+            PassthroughBackend::User(sock) => {
                 Box::new(VfioUserBackend::connect(sock).map_err(|e| err(&e))?)
             }
-            Passthrough::Kernel(path) => {
+            PassthroughBackend::Kernel(path) => {
                 let container = match &self.kernel_vfio {
                     Some(c) => c.clone(),
                     None => KernelVfioContainer::new(&vm.fd).map_err(|e| err(&e))?,
@@ -139,15 +191,19 @@ impl Devices {
                 Box::new(KernelVfioBackend::open(path, container).map_err(|e| err(&e))?)
             }
         };
-        let id = format!("vfio{}", self.passthrough.len());
-        let mut dev =
-            VfioPciDevice::new(id, backend, self.routing.clone(), None).map_err(|e| err(&e))?;
+        let n = self.passthrough.len();
+        let id = format!("vfio{n}");
+        let gsi = intx_gsi(n);
+        let mut dev = VfioPciDevice::new(id, backend, self.routing.clone(), Some(gsi))
+            .map_err(|e| err(&e))?;
         dev.dma_map(&DmaRegion::from_guest_memory(mem))
             .map_err(|e| err(&e))?;
         let dev = Arc::new(Mutex::new(dev));
         self.pci.add_device(dev.clone()).map_err(|e| err(&e))?;
-        self.passthrough.push(dev);
-        self.passthrough_specs.push(spec.describe());
+        self.passthrough.push(PassthroughDevice {
+            spec: spec.clone(),
+            dev,
+        });
         Ok(())
     }
 
@@ -168,11 +224,12 @@ impl Devices {
 fn pci_root(
     pio: &Arc<Bus>,
     mmio: &Arc<Bus>,
+    ram_size: u64,
 ) -> Result<(Arc<PciRoot>, Arc<Mutex<PciConfigIo>>), DeviceSetupError> {
     let windows = PciWindows {
         mmio32: (PCI_MMIO_START, PCI_MMIO_SIZE),
-        mmio64: None,
-        io: (0xc000, 0x4000),
+        mmio64: Some((pci_mmio64_start(ram_size), PCI_MMIO64_SIZE)),
+        io: (PCI_IO_START, PCI_IO_SIZE),
     };
     let bridge = HostBridge::with_ecam_hint(PCI_ECAM_START)
         .map_err(|e| DeviceSetupError::Pci(e.to_string()))?;

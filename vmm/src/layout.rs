@@ -27,6 +27,26 @@ pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
 pub const PCI_MMIO_START: u64 = 0xc000_0000;
 pub const PCI_MMIO_SIZE: u64 = PCI_ECAM_START - PCI_MMIO_START;
 
+/// Port I/O window for BARs: everything above the legacy ISA ports (which all sit below
+/// 0x1000, as does 0xCF8).
+pub const PCI_IO_START: u64 = 0x1000;
+pub const PCI_IO_SIZE: u64 = 0x1_0000 - PCI_IO_START;
+/// 64-bit MMIO window for large (e.g. GPU) BARs: from the first GiB boundary above RAM.
+pub const PCI_MMIO64_SIZE: u64 = 256 << 30;
+
+pub fn pci_mmio64_start(ram_size: u64) -> u64 {
+    ram_top(ram_size).max(FOUR_GIB).next_multiple_of(1 << 30)
+}
+
+/// IOAPIC pins for the INTx of passthrough devices, above the 16 ISA interrupts (KVM's
+/// IOAPIC has 24 pins); devices share them round-robin, as PCI INTx lines are shared.
+pub const PCI_INTX_GSIS: [u32; 8] = [16, 17, 18, 19, 20, 21, 22, 23];
+
+/// The IOAPIC pin of the `n`th passthrough device's INTx.
+pub fn intx_gsi(n: usize) -> u32 {
+    PCI_INTX_GSIS[n % PCI_INTX_GSIS.len()]
+}
+
 /// RAM ranges (guest address, length) for a VM with `size` bytes of RAM: one range, or two
 /// around the PCI hole.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
@@ -52,5 +72,12 @@ mod tests {
         assert_eq!(ram_ranges(3 << 30), vec![(0, 3 << 30)]);
         assert_eq!(ram_ranges(4 << 30), vec![(0, 3 << 30), (FOUR_GIB, 1 << 30)]);
         assert_eq!(ram_top(4 << 30), 5 << 30);
+    }
+
+    #[test]
+    fn the_64_bit_window_sits_above_ram_and_4_gib() {
+        assert_eq!(pci_mmio64_start(512 << 20), FOUR_GIB);
+        assert_eq!(pci_mmio64_start(4 << 30), 5 << 30);
+        assert_eq!(pci_mmio64_start((4 << 30) + 1), 6 << 30);
     }
 }

@@ -174,7 +174,7 @@ impl Machine {
         let ram = Ram::new(memory)?;
         vm.set_ram_slots(&ram)?;
         let exit = ExitSignal::new()?;
-        let mut devices = Devices::new(&vm, serial, &exit)?;
+        let mut devices = Devices::new(&vm, memory, serial, &exit)?;
         for p in passthrough {
             devices.add_passthrough(&vm, &ram.mem, p)?;
         }

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::config::{BAR0, BarKind, BarRegion, COMMAND, COMMAND_IO, COMMAND_MEMORY, NUM_BARS};
 use super::device::{SharedPciDevice, lock_pci};
 use super::host_bridge::HostBridge;
+pub use super::windows::PciWindows;
+use super::windows::Windows;
 use crate::bus::{Bus, BusDevice, BusError};
 
 pub const MAX_DEVICES: u8 = 32;
@@ -26,63 +28,21 @@ pub const MAX_DEVICES: u8 = 32;
 pub enum PciRootError {
     #[error("all {MAX_DEVICES} device slots on bus 0 are taken")]
     NoSlot,
-    #[error("no room for BAR {bar} ({size:#x} bytes) of device {slot} in the PCI windows")]
-    NoBarSpace { slot: u8, bar: usize, size: u64 },
+    #[error(
+        "no room for BAR {bar} ({kind}, {size:#x} bytes) of device 00:{slot:02x}.0 in the \
+         {window} window [{base:#x}, {end:#x})"
+    )]
+    NoBarSpace {
+        slot: u8,
+        bar: usize,
+        kind: BarKind,
+        size: u64,
+        window: &'static str,
+        base: u64,
+        end: u64,
+    },
     #[error("cannot place a BAR on the bus: {0}")]
     Bus(#[from] BusError),
-}
-
-/// Address windows the root assigns BARs from (guest-physical, and ports for I/O).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PciWindows {
-    /// Below 4 GiB: 32-bit BARs, and 64-bit ones that fit.
-    pub mmio32: (u64, u64),
-    /// Above RAM, for 64-bit BARs too large for `mmio32`.
-    pub mmio64: Option<(u64, u64)>,
-    pub io: (u64, u64),
-}
-
-/// A naturally aligned bump allocator: BARs are placed once, at boot, and never freed.
-struct Window {
-    next: u64,
-    end: u64,
-}
-
-impl Window {
-    fn new((base, len): (u64, u64)) -> Self {
-        Window {
-            next: base,
-            end: base.saturating_add(len),
-        }
-    }
-
-    fn allocate(&mut self, size: u64) -> Option<u64> {
-        let addr = self.next.checked_next_multiple_of(size)?;
-        let end = addr.checked_add(size)?;
-        (end <= self.end).then(|| {
-            self.next = end;
-            addr
-        })
-    }
-}
-
-struct Windows {
-    mmio32: Window,
-    mmio64: Option<Window>,
-    io: Window,
-}
-
-impl Windows {
-    fn allocate(&mut self, kind: BarKind, size: u64) -> Option<u64> {
-        match kind {
-            BarKind::Io => self.io.allocate(size),
-            BarKind::Mem32 { .. } => self.mmio32.allocate(size),
-            BarKind::Mem64 { .. } => self
-                .mmio32
-                .allocate(size)
-                .or_else(|| self.mmio64.as_mut()?.allocate(size)),
-        }
-    }
 }
 
 struct Slot {
@@ -135,11 +95,7 @@ impl PciRoot {
         PciRoot {
             inner: Mutex::new(Inner {
                 slots,
-                windows: Windows {
-                    mmio32: Window::new(windows.mmio32),
-                    mmio64: windows.mmio64.map(Window::new),
-                    io: Window::new(windows.io),
-                },
+                windows: Windows::new(windows),
             }),
             mmio,
             pio,
@@ -162,14 +118,25 @@ impl PciRoot {
         bars.sort_by_key(|b| std::cmp::Reverse(b.size));
         let mut command = 0;
         for b in &bars {
-            let addr = inner
-                .windows
-                .allocate(b.kind, b.size)
-                .ok_or(PciRootError::NoBarSpace {
-                    slot,
-                    bar: b.index,
-                    size: b.size,
-                })?;
+            let addr =
+                inner
+                    .windows
+                    .allocate(b.kind, b.size)
+                    .map_err(|w| PciRootError::NoBarSpace {
+                        slot,
+                        bar: b.index,
+                        kind: b.kind,
+                        size: b.size,
+                        window: w.name,
+                        base: w.base,
+                        end: w.end,
+                    })?;
+            log::info!(
+                "pci 00:{slot:02x}.0 BAR {}: {}, {:#x} bytes at {addr:#x}",
+                b.index,
+                b.kind,
+                b.size
+            );
             program_bar(&dev, b, addr);
             command |= if b.kind.is_io() {
                 COMMAND_IO
@@ -388,7 +355,7 @@ mod tests {
         let windows = PciWindows {
             mmio32: (0xc000_0000, 0x2000_0000),
             mmio64: Some((1 << 36, 1 << 36)),
-            io: (0xc000, 0x4000),
+            io: (0x1000, 0xf000),
         };
         let r = PciRoot::new(mmio.clone(), pio.clone(), windows);
         (mmio, pio, r)
@@ -424,21 +391,24 @@ mod tests {
         let slot = r.add_device(Arc::new(Mutex::new(d))).unwrap();
         assert_eq!(slot, 1, "host bridge holds slot 0");
         assert_eq!(read32(&r, 0, 0), 0x0d57_8086);
-        // Largest first: the 64 KiB BAR sits at the window base, the 4 KiB one after it;
-        // the 4 GiB BAR does not fit below 4 GiB and goes to the 64-bit window.
-        assert_eq!(read32(&r, 1, BAR0 + 8), 0xc000_000c);
-        assert_eq!(read32(&r, 1, BAR0), 0xc001_0000);
-        assert_eq!(read32(&r, 1, BAR0 + 4), 0xc001);
-        assert_eq!(read32(&r, 1, BAR0 + 20), 0x10);
+        // Prefetchable 64-bit BARs go to the 64-bit window (largest first), the others to
+        // the 32-bit and I/O windows.
+        let high = 1u64 << 36;
+        assert_eq!(read32(&r, 1, BAR0 + 16), 0x0000_000c);
+        assert_eq!(read32(&r, 1, BAR0 + 20), (high >> 32) as u32);
+        assert_eq!(read32(&r, 1, BAR0 + 8), 0x0000_000c);
+        assert_eq!(read32(&r, 1, BAR0 + 12), ((high + (1 << 32)) >> 32) as u32);
+        assert_eq!(read32(&r, 1, BAR0), 0xc000_0000);
+        assert_eq!(read32(&r, 1, BAR0 + 4), 0x1001);
         assert_eq!(read32(&r, 1, COMMAND) as u16, COMMAND_IO | COMMAND_MEMORY);
         let mut b = [0u8; 4];
-        assert!(mmio.read(0xc001_0010, &mut b));
+        assert!(mmio.read(0xc000_0010, &mut b));
         assert_eq!(b, [0xa0; 4]);
-        assert!(mmio.read(0xc000_fffc, &mut b));
+        assert!(mmio.read(high + (1 << 32) + 0xfffc, &mut b));
         assert_eq!(b, [0xa2; 4]);
-        assert!(mmio.read(1 << 36, &mut b));
+        assert!(mmio.read(high, &mut b));
         assert_eq!(b, [0xa4; 4]);
-        assert!(pio.read(0xc01f, &mut b[..1]));
+        assert!(pio.read(0x101f, &mut b[..1]));
         assert_eq!(r.mapped_bars(1).len(), 4);
     }
 
@@ -524,9 +494,41 @@ mod tests {
             r.add_device(Arc::new(Mutex::new(d))),
             Err(PciRootError::NoBarSpace { bar: 0, .. })
         ));
-        let mut w = Window::new((0x1000, 0x3000));
-        assert_eq!(w.allocate(0x2000), Some(0x2000));
-        assert_eq!(w.allocate(0x1000), None);
+        let e = r
+            .add_device(Arc::new(Mutex::new(TestDevice::new(&[(
+                2,
+                1 << 20,
+                BarKind::Io,
+            )]))))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "no room for BAR 2 (I/O, 0x100000 bytes) of device 00:01.0 in the I/O window \
+             [0x1000, 0x10000)"
+        );
+    }
+
+    #[test]
+    fn io_bars_of_a_libvfio_user_sample_fit_beside_another_device() {
+        // libvfio-user's sample server: BAR0 8 bytes and BAR1 16 KiB, both I/O space.
+        let (_m, pio, r) = root();
+        let first = TestDevice::new(&[(0, 0x100, BarKind::Io)]);
+        r.add_device(Arc::new(Mutex::new(first))).unwrap();
+        let sample = TestDevice::new(&[(0, 0x8, BarKind::Io), (1, 0x4000, BarKind::Io)]);
+        let slot = r.add_device(Arc::new(Mutex::new(sample))).unwrap();
+        let bars = r.mapped_bars(slot);
+        assert_eq!(bars.len(), 2);
+        for b in &bars {
+            assert_eq!(b.addr % b.size, 0, "BAR {} not naturally aligned", b.index);
+            assert!(b.addr >= 0x1000 && b.addr + b.size <= 0x10000);
+        }
+        assert_eq!(bars[1].addr, 0x4000);
+        assert_eq!(
+            bars[0].addr, 0x1100,
+            "the gap before the 16 KiB BAR is reused"
+        );
+        assert!(pio.read(0x4000, &mut [0u8; 4]));
     }
 
     #[test]

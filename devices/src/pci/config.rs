@@ -77,6 +77,21 @@ pub enum BarKind {
     Mem64 { prefetchable: bool },
 }
 
+impl std::fmt::Display for BarKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (name, prefetchable) = match *self {
+            BarKind::Io => return f.write_str("I/O"),
+            BarKind::Mem32 { prefetchable } => ("32-bit memory", prefetchable),
+            BarKind::Mem64 { prefetchable } => ("64-bit memory", prefetchable),
+        };
+        f.write_str(name)?;
+        if prefetchable {
+            f.write_str(", prefetchable")?;
+        }
+        Ok(())
+    }
+}
+
 impl BarKind {
     pub fn is_io(self) -> bool {
         matches!(self, BarKind::Io)

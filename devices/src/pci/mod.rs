@@ -15,6 +15,7 @@ pub mod vfio_backend;
 pub mod vfio_interrupts;
 pub mod vfio_kernel;
 pub mod vfio_user;
+mod windows;
 
 #[cfg(test)]
 mod testing;

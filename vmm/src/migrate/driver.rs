@@ -72,11 +72,13 @@ pub fn probe(b: &mut dyn VfioBackend) -> Result<Option<Box<dyn MigrationDriver>>
 /// VFIO migration v2: straight through to the backend's calls.
 pub struct V2Driver {
     flags: u64,
+    /// The state last set or read, which decides what a 0-byte read means.
+    state: Option<MigrationState>,
 }
 
 impl V2Driver {
     pub fn new(flags: u64) -> Self {
-        V2Driver { flags }
+        V2Driver { flags, state: None }
     }
 }
 
@@ -90,15 +92,27 @@ impl MigrationDriver for V2Driver {
     }
 
     fn set_state(&mut self, b: &mut dyn VfioBackend, s: MigrationState) -> Result<()> {
-        b.set_migration_state(s)
+        self.state = None;
+        b.set_migration_state(s)?;
+        self.state = Some(s);
+        Ok(())
     }
 
     fn state(&mut self, b: &mut dyn VfioBackend) -> Result<MigrationState> {
-        b.migration_state()
+        let s = b.migration_state()?;
+        self.state = Some(s);
+        Ok(s)
     }
 
     fn read(&mut self, b: &mut dyn VfioBackend, buf: &mut [u8]) -> Result<Chunk> {
+        let precopy = matches!(
+            self.state,
+            Some(MigrationState::PreCopy | MigrationState::PreCopyP2p)
+        );
         match b.read_migration_data(buf) {
+            // In PRE_COPY a 0-byte read means "nothing now", as ENOMSG does (mtty, and
+            // libvfio-user's servers, return 0); only STOP_COPY's 0 ends the stream.
+            Ok(0) if precopy => Ok(Chunk::NotNow),
             Ok(0) => Ok(Chunk::End),
             Ok(n) => Ok(Chunk::Data(n.min(buf.len()))),
             Err(BackendError::NoMigrationDataNow) => Ok(Chunk::NotNow),

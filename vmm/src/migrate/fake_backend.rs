@@ -32,6 +32,8 @@ pub struct Observed {
     pub logging: bool,
     /// The state a successful RESUMING → STOP loaded.
     pub loaded: Option<Vec<u8>>,
+    /// Every state the device was in, in order.
+    pub visited: Vec<MigrationState>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,8 @@ pub struct FakeDevice {
     /// The next walk's arc (from, to) fails once.
     pub fail_arc: Option<(MigrationState, MigrationState)>,
     pub dma_log: bool,
+    /// A drained PRE_COPY stream reads 0 bytes (mtty, libvfio-user) instead of ENOMSG.
+    pub precopy_drained_reads_zero: bool,
     pub dirty: BTreeSet<u64>,
     v1_chunk: Vec<u8>,
     v1_section: Vec<u8>,
@@ -105,10 +109,14 @@ impl FakeDevice {
             incoming: None,
             fail_arc: None,
             dma_log: true,
+            precopy_drained_reads_zero: false,
             dirty: BTreeSet::new(),
             v1_chunk: Vec::new(),
             v1_section: vec![0; V1_SECTION_LEN as usize],
-            seen: Arc::new(Mutex::new(Observed::default())),
+            seen: Arc::new(Mutex::new(Observed {
+                visited: vec![Running],
+                ..Observed::default()
+            })),
         }
     }
 
@@ -154,7 +162,11 @@ impl FakeDevice {
     }
 
     fn publish(&self) {
-        self.seen.lock().unwrap().state = Some(self.state);
+        let mut seen = self.seen.lock().unwrap();
+        seen.state = Some(self.state);
+        if seen.visited.last() != Some(&self.state) {
+            seen.visited.push(self.state);
+        }
     }
 
     /// The stream: the state, then its checksum.
@@ -410,6 +422,7 @@ impl VfioBackend for FakeDevice {
         if pos >= end {
             return match self.state {
                 StopCopy => Ok(0),
+                _ if self.precopy_drained_reads_zero => Ok(0),
                 _ => Err(BackendError::NoMigrationDataNow),
             };
         }

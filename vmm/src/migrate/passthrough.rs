@@ -9,6 +9,8 @@ use devices::pci::{PciDevice, VfioPciDevice};
 use migration::description::{DeviceDescription, MigrationCaps};
 use migration::protocol::ProtocolError;
 
+use crate::devices_setup::Passthrough;
+
 use super::driver::{self, MIGRATION_P2P, MIGRATION_PRE_COPY, MigrationDriver};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +49,11 @@ pub enum DeviceError {
 pub type SharedVfio = Arc<Mutex<VfioPciDevice>>;
 
 /// The machine's passthrough devices, each with how it was given on the command line.
-pub fn of_machine(m: &crate::machine::Machine) -> Vec<(String, SharedVfio)> {
-    let d = &m.devices;
-    d.passthrough_specs
+pub fn of_machine(m: &crate::machine::Machine) -> Vec<(Passthrough, SharedVfio)> {
+    m.devices
+        .passthrough
         .iter()
-        .cloned()
-        .zip(d.passthrough.iter().cloned())
+        .map(|p| (p.spec.clone(), p.dev.clone()))
         .collect()
 }
 
@@ -62,6 +63,8 @@ pub struct MigratingDevice {
     pub label: String,
     pub dev: SharedVfio,
     driver: Box<dyn MigrationDriver>,
+    /// `pre-copy=off` hides the device's PRE_COPY flag from the migration.
+    pre_copy_allowed: bool,
 }
 
 pub fn lock(d: &Mutex<VfioPciDevice>) -> std::sync::MutexGuard<'_, VfioPciDevice> {
@@ -70,12 +73,12 @@ pub fn lock(d: &Mutex<VfioPciDevice>) -> std::sync::MutexGuard<'_, VfioPciDevice
 
 impl MigratingDevice {
     /// Finds how `dev` migrates; a device with neither v2 nor the v1 region cannot.
-    pub fn probe(spec: &str, dev: SharedVfio) -> Result<Self, DeviceError> {
+    pub fn probe(spec: &Passthrough, dev: SharedVfio) -> Result<Self, DeviceError> {
         let (id, found) = {
             let mut d = lock(&dev);
             (d.id().to_owned(), driver::probe(d.backend_mut()))
         };
-        let label = format!("{id} ({spec})");
+        let label = format!("{id} ({})", spec.describe());
         let cannot = |reason: String| DeviceError::CannotMigrate {
             label: label.clone(),
             reason,
@@ -90,20 +93,24 @@ impl MigratingDevice {
             Err(e) => return Err(cannot(format!("querying its migration support: {e}"))),
         };
         log::info!(
-            "{label}: migration {} flags {:#x}",
+            "{label}: migration {} flags {:#x}{}",
             driver.protocol(),
-            driver.flags()
+            driver.flags(),
+            if spec.pre_copy { "" } else { "; pre-copy off" }
         );
         Ok(MigratingDevice {
             id,
             label,
             dev,
             driver,
+            pre_copy_allowed: spec.pre_copy,
         })
     }
 
+    /// Whether the migration may use `flag` (`VFIO_MIGRATION_*`) with this device.
     pub fn has(&self, flag: u64) -> bool {
-        self.driver.has(flag)
+        let allowed = self.pre_copy_allowed || flag & MIGRATION_PRE_COPY == 0;
+        allowed && self.driver.has(flag)
     }
 
     /// What the destination must match: the protocol and the states the streams rely on.

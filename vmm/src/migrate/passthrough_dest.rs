@@ -6,6 +6,8 @@ use devices::pci::vfio_backend::MigrationState;
 use migration::description::DeviceDescription;
 
 use super::driver::MIGRATION_P2P;
+use crate::devices_setup::Passthrough;
+
 use super::passthrough::{DeviceError, MigratingDevice, SharedVfio};
 
 pub struct DestDevices {
@@ -14,7 +16,7 @@ pub struct DestDevices {
 
 impl DestDevices {
     /// Probes each device of this VM (the ones `--vfio-user`/`--vfio` gave, in order).
-    pub fn probe(devs: Vec<(String, SharedVfio)>) -> Result<Self, DeviceError> {
+    pub fn probe(devs: Vec<(Passthrough, SharedVfio)>) -> Result<Self, DeviceError> {
         let devs = devs
             .into_iter()
             .map(|(spec, dev)| MigratingDevice::probe(&spec, dev))

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 
-use devices::pci::vfio_backend::MigrationState;
+use devices::pci::vfio_backend::{BackendError, MigrationState};
 use migration::MigrationError;
 use migration::description::DeviceDescription;
 use migration::dirty::{AlwaysDirty, DirtySource};
@@ -14,6 +14,8 @@ use migration::ranges::MemoryRange;
 
 use super::dma_log::{DeviceDmaLog, start_logging};
 use super::driver::{Chunk, MAX_CHUNK, MIGRATION_P2P, MIGRATION_PRE_COPY};
+use crate::devices_setup::Passthrough;
+
 use super::passthrough::{DeviceError, MigratingDevice, SharedVfio, lock};
 
 /// Most pre-copy bytes one device sends per memory pass, so that memory keeps flowing while
@@ -44,7 +46,7 @@ impl SourceDevices {
     /// Checks every device before anything is sent: it must migrate (v2 or v1), and report its
     /// DMA writes to `ram` unless `force_dirty_dma`.
     pub fn prepare(
-        devs: Vec<(String, SharedVfio)>,
+        devs: Vec<(Passthrough, SharedVfio)>,
         ram: &[MemoryRange],
         force_dirty_dma: bool,
     ) -> Result<Self, DeviceError> {
@@ -243,11 +245,14 @@ fn probe_dma_log(dev: &MigratingDevice, ram: &[MemoryRange]) -> Result<(), Strin
         .map_err(|e| format!("stopping the probe: {e}"))
 }
 
+/// Initial pre-copy bytes still to read; a device without PRECOPY_INFO ends its initial
+/// data by running dry instead.
 fn initial_left(d: &mut SourceDevice) -> Result<u64, DeviceError> {
-    d.dev
-        .with(|drv, b| drv.precopy_info(b))
-        .map(|(initial, _)| initial)
-        .map_err(|e| d.dev.backend_error("pre-copy info", e))
+    match d.dev.with(|drv, b| drv.precopy_info(b)) {
+        Ok((initial, _)) => Ok(initial),
+        Err(BackendError::Unsupported(_)) => Ok(u64::MAX),
+        Err(e) => Err(d.dev.backend_error("pre-copy info", e)),
+    }
 }
 
 fn device_failure(e: DeviceError) -> MigrationError {
@@ -276,6 +281,10 @@ impl DeviceHooks for SourceDevices {
             match d.dev.with(|drv, b| drv.stop_copy_size(b)) {
                 Ok(n) => d.stop_copy_size = n,
                 // Asked once per pass: say it once.
+                Err(e @ BackendError::Unsupported(_)) if !d.size_warned => {
+                    d.size_warned = true;
+                    log::info!("{}: {e}; its stop-copy size is not counted", d.dev.id);
+                }
                 Err(e) if !d.size_warned => {
                     d.size_warned = true;
                     log::warn!(

@@ -16,14 +16,23 @@ use super::passthrough::DeviceError;
 use super::passthrough_dest::DestDevices;
 use super::passthrough_source::SourceDevices;
 use super::v1::V1Driver;
+use crate::devices_setup::{Passthrough, PassthroughBackend};
 
 const RAM: MemoryRange = MemoryRange {
     gpa: 0,
     len: 64 << 20,
 };
 
-fn spec<T>(dev: T) -> Vec<(String, T)> {
-    vec![("--fake".into(), dev)]
+fn spec<T>(dev: T) -> Vec<(Passthrough, T)> {
+    spec_with(dev, true)
+}
+
+fn spec_with<T>(dev: T, pre_copy: bool) -> Vec<(Passthrough, T)> {
+    let p = Passthrough {
+        backend: PassthroughBackend::User("fake.sock".into()),
+        pre_copy,
+    };
+    vec![(p, dev)]
 }
 
 /// Pre-copy rounds until the source may switch over: chunks go to the destination, and the
@@ -64,15 +73,22 @@ fn stop_copy(src: &mut SourceDevices, dst: &mut DestDevices) -> u64 {
 }
 
 fn migrate(mode: Mode, len: usize) {
-    let source = FakeDevice::new(mode, len, 7);
+    migrate_with(mode, len, |_| {}, true);
+}
+
+/// Migrates a fake device's `len` bytes of state; `tweak` adjusts the source device,
+/// `pre_copy` is its `pre-copy=` option.
+fn migrate_with(mode: Mode, len: usize, tweak: impl Fn(&mut FakeDevice), pre_copy: bool) {
+    let mut source = FakeDevice::new(mode, len, 7);
+    tweak(&mut source);
     let (src_dev, src_seen) = source.into_pci("vfio0");
     let (dst_dev, dst_seen) = FakeDevice::new(mode, len, 1).into_pci("vfio0");
-    let mut src = SourceDevices::prepare(spec(src_dev), &[RAM], false).unwrap();
+    let mut src = SourceDevices::prepare(spec_with(src_dev, pre_copy), &[RAM], false).unwrap();
     let mut dst = DestDevices::probe(spec(dst_dev)).unwrap();
-    assert_eq!(src.descriptions(), dst.descriptions());
+    migration::description::check_devices(&src.descriptions(), &dst.descriptions()).unwrap();
     dst.start_resuming().unwrap();
     src.enter_precopy(true, true).unwrap();
-    let precopy_on = FakeDevice::new(mode, 0, 0).offers_precopy();
+    let precopy_on = pre_copy && FakeDevice::new(mode, 0, 0).offers_precopy();
     assert_eq!(
         src.all_acked(),
         !precopy_on,
@@ -103,6 +119,34 @@ fn migrate(mode: Mode, len: usize) {
 #[test]
 fn v2_with_precopy_p2p_and_ack() {
     migrate(Mode::V2(ALL_FLAGS), (40 << 20) + 5);
+}
+
+#[test]
+fn v2_precopy_drained_by_a_zero_byte_read_keeps_pre_copying() {
+    // mtty and libvfio-user answer a drained PRE_COPY read with 0 bytes, not ENOMSG.
+    let zero = |d: &mut FakeDevice| d.precopy_drained_reads_zero = true;
+    migrate_with(Mode::V2(ALL_FLAGS), (3 << 20) + 5, zero, true);
+}
+
+#[test]
+fn pre_copy_off_moves_the_device_in_stop_copy_only() {
+    let (dev, seen) = FakeDevice::new(Mode::V2(ALL_FLAGS), 4096, 7).into_pci("vfio0");
+    let mut src = SourceDevices::prepare(spec_with(dev, false), &[RAM], false).unwrap();
+    assert!(!src.descriptions()[0].caps.pre_copy);
+    src.enter_precopy(true, true).unwrap();
+    assert!(src.all_acked(), "no pre-copy data to wait for");
+    assert!(src.precopy_data().unwrap().is_empty());
+    src.stop().unwrap();
+    let mut ch = Channel::new(Cursor::new(Vec::new()));
+    assert!(src.send_stop_copy(&mut ch).unwrap() > 4096);
+    use MigrationState::*;
+    assert_eq!(
+        seen.lock().unwrap().visited,
+        [Running, RunningP2p, Stop, StopCopy],
+        "RUNNING -> RUNNING_P2P -> (STOP) -> STOP_COPY, never PRE_COPY"
+    );
+    // And a destination whose device could pre-copy takes the stream.
+    migrate_with(Mode::V2(ALL_FLAGS), 4096, |_| {}, false);
 }
 
 #[test]
@@ -180,7 +224,8 @@ fn unmigratable_device_or_missing_dma_log_blocks_unless_forced() {
         .unwrap();
     assert!(matches!(e, DeviceError::CannotMigrate { .. }));
     assert!(
-        e.to_string().starts_with("vfio0 (--fake) cannot migrate"),
+        e.to_string()
+            .starts_with("vfio0 (--vfio-user fake.sock) cannot migrate"),
         "{e}"
     );
 
