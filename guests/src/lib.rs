@@ -48,6 +48,10 @@ static GUESTS: &[Guest] = &[
         "dmatest",
         "drives sampledev over PCI: moves BAR0, DMA fills with MSI-X completion, verifies data and device state (rounds= buf_kb= bufs= hb_ms= irq_ms= bar= state_every= state_seed=)"
     ),
+    guest!(
+        "gpio",
+        "drives a PCI-IDIO-16 GPIO card (libvfio-user's gpio-pci-idio-16) through its I/O BAR: pulses outputs, checks inputs (rounds= ms=)"
+    ),
 ];
 
 /// Every embedded guest.
