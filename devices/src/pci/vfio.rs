@@ -82,6 +82,9 @@ pub struct VfioPciDevice {
     bar_maps: BTreeMap<usize, Vec<u64>>,
     /// The backend is gone (vfio-user server died): BAR reads see all ones, writes are dropped.
     lost: bool,
+    /// Bytes of configuration space the device's region has (mtty: 255); beyond them up to
+    /// 256, reads are 0 and writes are dropped, as QEMU reads MIN(config size, region size).
+    config_len: usize,
 }
 
 fn header_of(raw: &[u8; CONFIG_SPACE_SIZE], interrupt_pin: u8) -> PciHeader {
@@ -167,22 +170,30 @@ fn find_msi(raw: &[u8; CONFIG_SPACE_SIZE]) -> Option<(usize, MsiCapability)> {
     (off + cap.size() <= CONFIG_SPACE_SIZE).then_some((off, cap))
 }
 
-/// Checks that the backend is a PCI function and reads its 256-byte configuration header.
+/// The standard header every function has; a config region smaller than this is unusable.
+const CONFIG_HEADER_LEN: u64 = 64;
+
+/// Checks that the backend is a PCI function and reads its configuration space: the first
+/// 256 bytes or, when the region is smaller (mtty's is 255), all of it, the rest zero.
+/// Returns the bytes and how many the region has.
 fn read_config_header(
     backend: &mut dyn VfioBackend,
-) -> Result<[u8; CONFIG_SPACE_SIZE], VfioPciError> {
+) -> Result<([u8; CONFIG_SPACE_SIZE], usize), VfioPciError> {
     let info = backend.device_info()?;
     if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
         return Err(VfioPciError::NotPci(info.flags));
     }
-    if info.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX
-        || backend.region_info(VFIO_PCI_CONFIG_REGION_INDEX)?.size < CONFIG_SPACE_SIZE as u64
-    {
+    if info.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX {
         return Err(VfioPciError::NoConfigRegion);
     }
+    let size = backend.region_info(VFIO_PCI_CONFIG_REGION_INDEX)?.size;
+    if size < CONFIG_HEADER_LEN {
+        return Err(VfioPciError::NoConfigRegion);
+    }
+    let len = size.min(CONFIG_SPACE_SIZE as u64) as usize;
     let mut raw = [0u8; CONFIG_SPACE_SIZE];
-    backend.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut raw)?;
-    Ok(raw)
+    backend.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut raw[..len])?;
+    Ok((raw, len))
 }
 
 impl VfioPciDevice {
@@ -195,7 +206,7 @@ impl VfioPciDevice {
         routing: Arc<dyn MsiRouting>,
         intx_gsi: Option<u32>,
     ) -> Result<Self, VfioPciError> {
-        let raw = read_config_header(&mut *backend)?;
+        let (raw, config_len) = read_config_header(&mut *backend)?;
         // INTx only where the device has a pin and the backend can signal it.
         let intx_gsi = match intx_gsi {
             Some(g) if raw[INTERRUPT_PIN] != 0 => {
@@ -231,6 +242,7 @@ impl VfioPciDevice {
             mapper: None,
             bar_maps: BTreeMap::new(),
             lost: false,
+            config_len,
         })
     }
 
@@ -363,16 +375,26 @@ impl VfioPciDevice {
     }
 
     fn device_config_read(&mut self, offset: usize, data: &mut [u8]) {
+        let n = data.len().min(self.config_len.saturating_sub(offset));
+        let (inside, beyond) = data.split_at_mut(n);
+        beyond.fill(0);
+        if inside.is_empty() {
+            return;
+        }
         let r = self
             .backend
-            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, data);
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, inside);
         if let Err(e) = r {
             log::warn!("vfio {}: config read at {offset:#x}: {e}", self.id);
-            data.fill(0xff);
+            inside.fill(0xff);
         }
     }
 
     fn device_config_write(&mut self, offset: usize, data: &[u8]) {
+        let data = &data[..data.len().min(self.config_len.saturating_sub(offset))];
+        if data.is_empty() {
+            return;
+        }
         let r = self
             .backend
             .region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, data);

@@ -345,3 +345,30 @@ fn mappable_bar_memory_follows_the_bar() {
     drop(dev);
     assert!(mapper.maps.lock().unwrap().is_empty(), "unmapped on drop");
 }
+
+#[test]
+fn config_region_smaller_than_256_bytes_is_used_as_far_as_it_goes() {
+    // mtty reports a 255-byte configuration region.
+    let st = fake();
+    {
+        let mut s = st.lock().unwrap();
+        s.config.truncate(255);
+        s.config[0xfc..0xff].copy_from_slice(&[1, 2, 3]);
+    }
+    let (mut d, _) = open(&st, None);
+    assert_eq!(rd32(&mut d, 0), 0x1041_1af4);
+    // The last byte the region lacks reads as 0; a write to it goes nowhere.
+    assert_eq!(rd32(&mut d, 0xfc), 0x0003_0201);
+    wr(&mut d, 0xfc, &[9, 9, 9, 9]);
+    assert_eq!(st.lock().unwrap().config[0xfc..], [9, 9, 9]);
+    assert_eq!(rd32(&mut d, 0xfc), 0x0009_0909);
+    // A region too small for the standard header is still refused.
+    st.lock().unwrap().config.truncate(63);
+    let r = VfioPciDevice::new(
+        "x",
+        Box::new(FakeBackend(st)),
+        Arc::new(FakeRouting::default()),
+        None,
+    );
+    assert!(matches!(r, Err(VfioPciError::NoConfigRegion)));
+}
