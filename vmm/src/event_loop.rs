@@ -61,6 +61,24 @@ impl MutEventSubscriber for StdinInput {
     }
 }
 
+/// Unmasks a passthrough device's INTx after each guest EOI, for devices that take no unmask
+/// eventfd: KVM signals the resample eventfd, and the VMM tells the device.
+struct IntxEoi {
+    fd: vmm_sys_util::eventfd::EventFd,
+    dev: Arc<Mutex<devices::pci::VfioPciDevice>>,
+}
+
+impl MutEventSubscriber for IntxEoi {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.dev.lock().unwrap_or_else(|e| e.into_inner()).intx_eoi();
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("cannot watch an INTx resample event: {e:?}");
+        }
+    }
+}
+
 /// Runs until the guest, a vCPU error or a control request ends the VM; returns the exit code.
 pub fn run(
     shared: &SharedMachine,
@@ -74,6 +92,16 @@ pub fn run(
     em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
     if stdin_to_serial {
         em.add_subscriber(Arc::new(Mutex::new(StdinInput(serial))));
+    }
+    let passthrough: Vec<_> = {
+        let m = shared.lock().unwrap_or_else(|e| e.into_inner());
+        m.devices.passthrough.iter().map(|p| p.dev.clone()).collect()
+    };
+    for dev in passthrough {
+        let fd = dev.lock().unwrap_or_else(|e| e.into_inner()).intx_eoi_fd();
+        if let Some(fd) = fd {
+            em.add_subscriber(Arc::new(Mutex::new(IntxEoi { fd, dev })));
+        }
     }
     if let Some(path) = api_sock {
         let api = ApiServer::bind(path, shared.clone(), exit.clone()).map_err(MachineError::Api)?;

@@ -181,6 +181,10 @@ pub struct FakeDeviceState {
     /// (IRQ index, number of eventfds) of each set, and `None` for a disable.
     pub irq_log: Vec<(u32, Option<usize>)>,
     pub unmask_fds: Vec<u32>,
+    /// The device refuses an unmask eventfd (as mtty does, with ENOTTY).
+    pub refuse_unmask_fd: bool,
+    /// Unmasks done one at a time (`unmask_irq`), by IRQ index.
+    pub unmasks: Vec<u32>,
     pub dma: Vec<(u64, u64)>,
     pub resets: usize,
     /// When set, BAR regions are mmappable whole, from this file at offset `index << 20`.
@@ -292,7 +296,16 @@ impl VfioBackend for FakeBackend {
     }
 
     fn set_irq_unmask_eventfd(&mut self, index: u32, _fd: &EventFd) -> BackendResult<()> {
-        self.st().unmask_fds.push(index);
+        let mut st = self.st();
+        if st.refuse_unmask_fd {
+            return Err(BackendError::Io(std::io::Error::from_raw_os_error(libc::ENOTTY)));
+        }
+        st.unmask_fds.push(index);
+        Ok(())
+    }
+
+    fn unmask_irq(&mut self, index: u32) -> BackendResult<()> {
+        self.st().unmasks.push(index);
         Ok(())
     }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use migration::state::{StateError, decode, encode};
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::bar_mmap::{BarMemoryMapper, mappable_ranges};
 use super::config::{
@@ -250,7 +251,23 @@ impl VfioPciDevice {
         &self.id
     }
 
-    /// The backend, e.g. for the migration driver.
+    /// A copy of KVM's INTx resample eventfd when the device refused it as its unmask
+    /// eventfd: the VMM watches it and calls [`Self::intx_eoi`].
+    pub fn intx_eoi_fd(&self) -> Option<EventFd> {
+        let fd = self.irqs.intx_resample_for_vmm()?;
+        fd.try_clone()
+            .inspect_err(|e| log::error!("vfio {}: INTx resample eventfd: {e}", self.id))
+            .ok()
+    }
+
+    /// The guest EOIed this device's INTx: unmask it on the device (the fallback for devices
+    /// that take no unmask eventfd).
+    pub fn intx_eoi(&mut self) {
+        if let Err(e) = self.irqs.intx_eoi(&mut *self.backend) {
+            self.access_failed("INTx unmask", &e);
+        }
+    }
+
     /// Whether the device's backend has gone away.
     pub fn is_lost(&self) -> bool {
         self.lost

@@ -177,6 +177,8 @@ pub trait VfioBackend: Send {
     /// INTx only: unmask the (level, auto-masked) line whenever `fd` is signalled — KVM's
     /// resample eventfd, so the device re-asserts after the guest's EOI.
     fn set_irq_unmask_eventfd(&mut self, index: u32, fd: &EventFd) -> Result<()>;
+    /// INTx only: unmask the line once, now (for devices that refuse an unmask eventfd).
+    fn unmask_irq(&mut self, index: u32) -> Result<()>;
     fn reset(&mut self) -> Result<()>;
     fn dma_map(&mut self, region: &DmaRegion) -> Result<()>;
     fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()>;

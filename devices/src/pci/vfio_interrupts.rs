@@ -55,6 +55,9 @@ struct Intx {
     trigger: EventFd,
     resample: EventFd,
     on_device: bool,
+    /// The device refused `resample` as its unmask eventfd (mtty: ENOTTY), so the VMM
+    /// unmasks it whenever KVM signals `resample` (QEMU's `vfio_intx_enable_kvm` fallback).
+    vmm_unmasks: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,8 +153,34 @@ impl VfioInterrupts {
             trigger,
             resample,
             on_device: false,
+            vmm_unmasks: false,
         });
         self.sync_intx(backend)
+    }
+
+    /// KVM's resample eventfd, when the VMM must watch it and call [`Self::intx_eoi`].
+    pub fn intx_resample_for_vmm(&self) -> Option<&EventFd> {
+        self.intx
+            .as_ref()
+            .filter(|i| i.vmm_unmasks)
+            .map(|i| &i.resample)
+    }
+
+    /// The guest EOIed the INTx vector (KVM signalled the resample eventfd): unmask the line
+    /// on the device so that it can assert again.
+    pub fn intx_eoi(
+        &mut self,
+        backend: &mut dyn VfioBackend,
+    ) -> std::result::Result<(), BackendError> {
+        let Some(i) = &self.intx else {
+            return Ok(());
+        };
+        // Non-blocking: nothing to read is not an error, just nothing to do.
+        if i.resample.read().is_err() || !i.on_device || !i.vmm_unmasks {
+            return Ok(());
+        }
+        backend.unmask_irq(VFIO_PCI_INTX_IRQ_INDEX)?;
+        Ok(())
     }
 
     pub fn intx_gsi(&self) -> Option<u32> {
@@ -171,7 +200,19 @@ impl VfioInterrupts {
         };
         if want && !i.on_device {
             backend.set_irq_eventfds(VFIO_PCI_INTX_IRQ_INDEX, &[&i.trigger])?;
-            backend.set_irq_unmask_eventfd(VFIO_PCI_INTX_IRQ_INDEX, &i.resample)?;
+            match backend.set_irq_unmask_eventfd(VFIO_PCI_INTX_IRQ_INDEX, &i.resample) {
+                Ok(()) => i.vmm_unmasks = false,
+                Err(e) => {
+                    if !i.vmm_unmasks {
+                        log::info!(
+                            "INTx on GSI {}: the device refuses an unmask eventfd ({e}); the \
+                             VMM unmasks it after each EOI",
+                            i.gsi
+                        );
+                    }
+                    i.vmm_unmasks = true;
+                }
+            }
         } else if !want && i.on_device {
             backend.disable_irq(VFIO_PCI_INTX_IRQ_INDEX)?;
         }

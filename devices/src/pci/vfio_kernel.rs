@@ -247,6 +247,10 @@ impl VfioBackend for KernelVfioBackend {
         Ok(self.device.set_irq_resample_fd(index, vec![fd])?)
     }
 
+    fn unmask_irq(&mut self, index: u32) -> Result<()> {
+        Ok(self.device.unmask_irq(index)?)
+    }
+
     fn reset(&mut self) -> Result<()> {
         if self.flags & VFIO_DEVICE_FLAGS_RESET == 0 {
             return Err(BackendError::Unsupported("device reset"));

@@ -372,3 +372,22 @@ fn config_region_smaller_than_256_bytes_is_used_as_far_as_it_goes() {
     );
     assert!(matches!(r, Err(VfioPciError::NoConfigRegion)));
 }
+
+#[test]
+fn intx_without_an_unmask_eventfd_is_unmasked_by_the_vmm_after_eoi() {
+    let st = fake();
+    st.lock().unwrap().refuse_unmask_fd = true;
+    let (mut d, routing) = open(&st, Some(11));
+    assert!(routing.irqfds().contains(&11), "INTx still wired");
+    let eoi = d.intx_eoi_fd().expect("the VMM watches the resample eventfd");
+    // Nothing signalled: nothing unmasked.
+    d.intx_eoi();
+    assert!(st.lock().unwrap().unmasks.is_empty());
+    // KVM signals the resample eventfd at the guest's EOI.
+    eoi.write(1).unwrap();
+    d.intx_eoi();
+    assert_eq!(st.lock().unwrap().unmasks, vec![INTX]);
+    // A device that takes the unmask eventfd needs no help.
+    let (d, _) = open(&fake(), Some(11));
+    assert!(d.intx_eoi_fd().is_none());
+}

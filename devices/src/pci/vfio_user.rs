@@ -7,7 +7,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
 
-use vfio_user::vfio::{VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD};
+use vfio_user::vfio::{
+    VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+};
 use vfio_user::{Client, DmaProt, DmaRange, IrqSet, MigData, RegionCap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -122,6 +124,17 @@ impl VfioBackend for VfioUserBackend {
         // SAFETY: `fd` owns its descriptor and outlives this call, which only borrows it.
         let fd = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
         Ok(self.client.set_irqs_raw(&set, &[fd])?)
+    }
+
+    fn unmask_irq(&mut self, index: u32) -> Result<()> {
+        let set = IrqSet {
+            flags: VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK,
+            index,
+            start: 0,
+            count: 1,
+            data: Vec::new(),
+        };
+        Ok(self.client.set_irqs_raw(&set, &[])?)
     }
 
     fn reset(&mut self) -> Result<()> {

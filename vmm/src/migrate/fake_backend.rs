@@ -374,6 +374,10 @@ impl VfioBackend for FakeDevice {
         Ok(())
     }
 
+    fn unmask_irq(&mut self, _index: u32) -> Result<()> {
+        Ok(())
+    }
+
     fn reset(&mut self) -> Result<()> {
         self.state = Running;
         self.pos = None;
