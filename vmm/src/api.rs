@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde_json::{Value, json};
@@ -19,13 +20,36 @@ use crate::migrate;
 
 /// A request line longer than this is refused (and the connection closed).
 const MAX_REQUEST: usize = 64 * 1024;
+/// Replies a client has not read yet, at most; a client over it is disconnected, so one that
+/// sends requests but never reads cannot hold the event loop (replies are never written
+/// blocking).
+const MAX_PENDING_REPLIES: usize = 256 * 1024;
+/// How long a request waits for the VM's lock (held by a migration's switchover) before it
+/// is answered "busy"; `status` and `migration-status` do not wait at all.
+const MACHINE_WAIT: Duration = Duration::from_millis(100);
+
+/// One client: its unparsed request bytes and its unsent replies.
+struct Conn {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+}
+
+/// What requests are answered from: the VM, and what is known of it without its lock.
+struct Context {
+    machine: SharedMachine,
+    info: migrate::SharedInfo,
+    exit: ExitSignal,
+    vcpus: usize,
+    memory: u64,
+    started: Instant,
+}
 
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
-    conns: HashMap<RawFd, (UnixStream, Vec<u8>)>,
-    machine: SharedMachine,
-    exit: ExitSignal,
+    conns: HashMap<RawFd, Conn>,
+    ctx: Context,
 }
 
 impl ApiServer {
@@ -37,12 +61,22 @@ impl ApiServer {
         let listener = UnixListener::bind(path)
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         listener.set_nonblocking(true)?;
+        let ctx = {
+            let m = machine.lock().unwrap_or_else(|e| e.into_inner());
+            Context {
+                info: m.migration.clone(),
+                vcpus: m.vcpus.count(),
+                memory: m.ram.size,
+                started: m.started,
+                machine: machine.clone(),
+                exit,
+            }
+        };
         Ok(ApiServer {
             listener,
             path: path.to_owned(),
             conns: HashMap::new(),
-            machine,
-            exit,
+            ctx,
         })
     }
 
@@ -55,38 +89,78 @@ impl ApiServer {
                 .add(Events::new(&stream, EventSet::IN | EventSet::READ_HANG_UP))
                 .is_ok()
             {
-                self.conns.insert(stream.as_raw_fd(), (stream, Vec::new()));
+                let conn = Conn {
+                    stream,
+                    input: Vec::new(),
+                    output: Vec::new(),
+                };
+                self.conns.insert(conn.stream.as_raw_fd(), conn);
             }
         }
     }
 
-    /// Reads what is there; answers every complete line. Returns false to drop the connection.
-    fn serve(&mut self, fd: RawFd) -> bool {
-        let Some((stream, buf)) = self.conns.get_mut(&fd) else {
+    /// Reads what is there, queues a reply to every complete line and writes what the
+    /// client takes. Returns false to drop the connection.
+    fn serve(&mut self, fd: RawFd, ops: &mut EventOps) -> bool {
+        let Some(c) = self.conns.get_mut(&fd) else {
             return false;
         };
-        let mut chunk = [0u8; 4096];
-        let open = loop {
-            match stream.read(&mut chunk) {
-                Ok(0) => break false,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
-                Err(_) => break false,
-            }
-        };
-        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let reply = handle_line(&line, &self.machine, &self.exit);
-            if write_line(stream, &reply).is_err() {
-                return false;
-            }
+        let open = read_available(&mut c.stream, &mut c.input);
+        while let Some(pos) = c.input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = c.input.drain(..=pos).collect();
+            queue(&mut c.output, &handle_line(&line, &self.ctx));
         }
-        if buf.len() > MAX_REQUEST {
-            let _ = write_line(stream, &error("request too long"));
+        if c.input.len() > MAX_REQUEST {
+            queue(&mut c.output, &error("request too long"));
+            let _ = flush(&mut c.stream, &mut c.output);
             return false;
         }
-        open
+        if flush(&mut c.stream, &mut c.output).is_err() || c.output.len() > MAX_PENDING_REPLIES {
+            return false;
+        }
+        // Wake for writability only while replies wait.
+        let mut want = EventSet::IN | EventSet::READ_HANG_UP;
+        if !c.output.is_empty() {
+            want |= EventSet::OUT;
+        }
+        let _ = ops.modify(Events::new(&c.stream, want));
+        open || !c.output.is_empty()
     }
+}
+
+/// Reads everything available without blocking; false when the peer has closed.
+fn read_available(stream: &mut UnixStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+fn queue(out: &mut Vec<u8>, v: &Value) {
+    out.extend_from_slice(v.to_string().as_bytes());
+    out.push(b'\n');
+}
+
+/// Writes what the socket takes now, never blocking.
+fn flush(stream: &mut UnixStream, out: &mut Vec<u8>) -> std::io::Result<()> {
+    while !out.is_empty() {
+        match stream.write(out) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                out.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl Drop for ApiServer {
@@ -99,7 +173,7 @@ impl MutEventSubscriber for ApiServer {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.listener.as_raw_fd() {
             self.accept(ops);
-        } else if !self.serve(events.fd()) {
+        } else if !self.serve(events.fd(), ops) {
             let _ = ops.remove(events);
             self.conns.remove(&events.fd());
         }
@@ -112,64 +186,122 @@ impl MutEventSubscriber for ApiServer {
     }
 }
 
-fn write_line(stream: &mut UnixStream, v: &Value) -> std::io::Result<()> {
-    let mut s = v.to_string();
-    s.push('\n');
-    stream.set_nonblocking(false)?;
-    stream.write_all(s.as_bytes())?;
-    stream.set_nonblocking(true)
-}
-
 fn error(msg: impl std::fmt::Display) -> Value {
     json!({ "ok": false, "error": msg.to_string() })
 }
 
-fn handle_line(line: &[u8], machine: &SharedMachine, exit: &ExitSignal) -> Value {
+fn handle_line(line: &[u8], ctx: &Context) -> Value {
     let req: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => return error(format!("bad request: {e}")),
     };
     match req.get("cmd").and_then(Value::as_str) {
-        Some(cmd) => handle(cmd, &req, machine, exit),
+        Some(cmd) => handle(cmd, &req, ctx),
         None => error("bad request: no \"cmd\" string"),
     }
 }
 
-fn handle(cmd: &str, req: &Value, machine: &SharedMachine, exit: &ExitSignal) -> Value {
-    let mut m = machine.lock().unwrap_or_else(|e| e.into_inner());
+/// The VM's lock if it comes within `wait` (a switchover holds it for its whole length).
+fn lock_within(machine: &SharedMachine, wait: Duration) -> Option<MutexGuard<'_, Machine>> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match machine.try_lock() {
+            Ok(m) => return Some(m),
+            Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() >= deadline => return None,
+            Err(TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+fn info(ctx: &Context) -> MutexGuard<'_, migrate::MigrationInfo> {
+    ctx.info.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether the request says `force: true` (`minivmm ctl ... force=true` sends the string).
+fn forced(req: &Value) -> bool {
+    matches!(req.get("force"), Some(Value::Bool(true)))
+        || req.get("force").and_then(Value::as_str) == Some("true")
+}
+
+fn handle(cmd: &str, req: &Value, ctx: &Context) -> Value {
     match cmd {
-        "status" => json!({
-            "ok": true,
-            "state": if exit.code().is_some() { "exiting" } else if m.vcpus.is_paused() { "paused" } else { "running" },
-            "vcpus": m.vcpus.count(),
-            "memory": m.ram.size,
-            "uptime_ms": m.started.elapsed().as_millis() as u64,
-        }),
-        "pause" => match m.vcpus.pause() {
-            Ok(()) => json!({ "ok": true, "state": "paused" }),
-            Err(e) => error(e),
-        },
-        "resume" => match m.vcpus.resume() {
-            Ok(()) => json!({ "ok": true, "state": "running" }),
-            Err(e) => error(e),
-        },
-        "migrate" => start_migration(&m, machine, req),
+        "status" => status(ctx),
         "migration-status" => {
-            let i = m.migration.lock().unwrap_or_else(|e| e.into_inner());
+            let i = info(ctx);
             json!({
                 "ok": true,
                 "running": i.running,
+                "outcome_unknown": i.outcome_unknown,
                 "progress": i.progress,
                 "stats": serde_json::to_value(&i.stats).unwrap_or(Value::Null),
             })
         }
         "shutdown" => {
-            exit.request(0);
+            ctx.exit.request(0);
             json!({ "ok": true, "state": "exiting" })
         }
+        "pause" | "resume" | "migrate" => match lock_within(&ctx.machine, MACHINE_WAIT) {
+            Some(mut m) => with_machine(cmd, req, ctx, &mut m),
+            None => error(format!(
+                "busy: a migration's switchover holds the VM; {cmd} again once it has ended"
+            )),
+        },
         other => error(format!("unknown command '{other}'")),
     }
 }
+
+/// `status`, at once in any phase: while a switchover holds the VM, its state is
+/// "switchover" and the rest comes from what is known without the VM's lock.
+fn status(ctx: &Context) -> Value {
+    let state = if ctx.exit.code().is_some() {
+        "exiting"
+    } else {
+        match lock_within(&ctx.machine, Duration::ZERO) {
+            Some(m) if m.vcpus.is_paused() => "paused",
+            Some(_) => "running",
+            None => "switchover",
+        }
+    };
+    json!({
+        "ok": true,
+        "state": state,
+        "vcpus": ctx.vcpus,
+        "memory": ctx.memory,
+        "uptime_ms": ctx.started.elapsed().as_millis() as u64,
+    })
+}
+
+fn with_machine(cmd: &str, req: &Value, ctx: &Context, m: &mut Machine) -> Value {
+    match cmd {
+        "pause" => match m.vcpus.pause() {
+            Ok(()) => json!({ "ok": true, "state": "paused" }),
+            Err(e) => error(e),
+        },
+        "resume" => {
+            let unknown = info(ctx).outcome_unknown;
+            if unknown && !forced(req) {
+                return error(UNKNOWN_OUTCOME_RESUME);
+            }
+            match m.vcpus.resume() {
+                Ok(()) => {
+                    if unknown {
+                        log::warn!("resumed with force: the operator says the destination is dead");
+                        info(ctx).outcome_unknown = false;
+                    }
+                    json!({ "ok": true, "state": "running" })
+                }
+                Err(e) => error(e),
+            }
+        }
+        _ => start_migration(m, &ctx.machine, req),
+    }
+}
+
+const UNKNOWN_OUTCOME_RESUME: &str = "the last migration was told go but never confirmed: the \
+    destination may be running this guest; resume with force=true only if it is dead";
+const UNKNOWN_OUTCOME_MIGRATE: &str = "the last migration was told go but never confirmed: the \
+    destination may be running this guest; migrate with force=true only if it is dead";
 
 /// `migrate`: {"cmd":"migrate","to":"HOST:PORT","downtime_ms":300,"max_bandwidth":N,"timeout":S,
 /// "force_dirty_dma":false}
@@ -177,12 +309,15 @@ fn start_migration(m: &Machine, machine: &SharedMachine, req: &Value) -> Value {
     let Some(to) = req.get("to").and_then(Value::as_str) else {
         return error("migrate needs \"to\": \"HOST:PORT\"");
     };
-    if m.migration
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .running
     {
-        return error("a migration is already running");
+        let mut i = m.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if i.running {
+            return error("a migration is already running");
+        }
+        if i.outcome_unknown && !forced(req) {
+            return error(UNKNOWN_OUTCOME_MIGRATE);
+        }
+        i.outcome_unknown = false;
     }
     let num = |k: &str, d: u64| req.get(k).and_then(Value::as_u64).unwrap_or(d);
     let tuning = MigrationTuning {

@@ -70,7 +70,10 @@ struct IntxEoi {
 
 impl MutEventSubscriber for IntxEoi {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        self.dev.lock().unwrap_or_else(|e| e.into_inner()).intx_eoi();
+        self.dev
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .intx_eoi();
     }
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
@@ -95,7 +98,11 @@ pub fn run(
     }
     let passthrough: Vec<_> = {
         let m = shared.lock().unwrap_or_else(|e| e.into_inner());
-        m.devices.passthrough.iter().map(|p| p.dev.clone()).collect()
+        m.devices
+            .passthrough
+            .iter()
+            .map(|p| p.dev.clone())
+            .collect()
     };
     for dev in passthrough {
         let fd = dev.lock().unwrap_or_else(|e| e.into_inner()).intx_eoi_fd();

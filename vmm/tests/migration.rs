@@ -269,7 +269,48 @@ fn lost_confirmation_after_go_leaves_the_source_paused() {
     let hb = heartbeats(&src.lines()).len();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(heartbeats(&src.lines()).len(), hb);
+    // Nor may an operator's resume or a new migration run it, unless forced.
+    let r = src.ctl(r#"{"cmd":"resume"}"#);
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("force=true"), "{r}");
+    let other = free_addr();
+    let r = src.ctl(&format!(r#"{{"cmd":"migrate","to":"{other}"}}"#));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("never confirmed"),
+        "{r}"
+    );
+    assert_eq!(
+        src.ctl(r#"{"cmd":"migration-status"}"#)["outcome_unknown"],
+        true
+    );
+    assert_eq!(src.ctl(r#"{"cmd":"status"}"#)["state"], "paused");
+    // The operator's decision that the destination is dead.
+    let r = src.ctl(r#"{"cmd":"resume","force":true}"#);
+    assert_eq!(r["ok"], true, "{r}");
+    src.wait_line(|l| l == format!("HB {}", hb + 5), LIMIT);
     let _ = src.child.kill();
+}
+
+#[test]
+fn an_operator_pause_outlives_a_failed_migration() {
+    let (mut src, _) = running_source();
+    assert_eq!(src.ctl(r#"{"cmd":"pause"}"#)["ok"], true);
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[("MINIVMM_FAULT", "complete")]);
+    migrate_request(&src, &addr, "");
+    let stats = wait_migration_end(&src);
+    assert_eq!(stats["status"], "failed", "{stats}");
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    assert_eq!(src.ctl(r#"{"cmd":"status"}"#)["state"], "paused");
+    let hb = heartbeats(&src.lines()).len();
+    assert_eq!(src.ctl(r#"{"cmd":"resume"}"#)["ok"], true);
+    src.wait_line(|l| l == format!("HB {}", hb + 5), LIMIT);
+    assert_eq!(src.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert_eq!(src.wait_exit(LIMIT).code(), Some(0));
+    let lines = src.lines();
+    no_bad(&lines);
+    assert_contiguous(&heartbeats(&lines));
 }
 
 #[test]

@@ -298,7 +298,9 @@ impl VfioBackend for FakeBackend {
     fn set_irq_unmask_eventfd(&mut self, index: u32, _fd: &EventFd) -> BackendResult<()> {
         let mut st = self.st();
         if st.refuse_unmask_fd {
-            return Err(BackendError::Io(std::io::Error::from_raw_os_error(libc::ENOTTY)));
+            return Err(BackendError::Io(std::io::Error::from_raw_os_error(
+                libc::ENOTTY,
+            )));
         }
         st.unmask_fds.push(index);
         Ok(())

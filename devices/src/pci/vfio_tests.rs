@@ -379,7 +379,9 @@ fn intx_without_an_unmask_eventfd_is_unmasked_by_the_vmm_after_eoi() {
     st.lock().unwrap().refuse_unmask_fd = true;
     let (mut d, routing) = open(&st, Some(11));
     assert!(routing.irqfds().contains(&11), "INTx still wired");
-    let eoi = d.intx_eoi_fd().expect("the VMM watches the resample eventfd");
+    let eoi = d
+        .intx_eoi_fd()
+        .expect("the VMM watches the resample eventfd");
     // Nothing signalled: nothing unmasked.
     d.intx_eoi();
     assert!(st.lock().unwrap().unmasks.is_empty());

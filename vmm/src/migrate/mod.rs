@@ -57,6 +57,9 @@ pub struct MigrationInfo {
     pub stats: MigrationStats,
     pub progress: String,
     pub running: bool,
+    /// The last switchover sent Go and got no confirmation: the destination may be running
+    /// the guest, so this side refuses to resume or migrate it again unless forced.
+    pub outcome_unknown: bool,
 }
 
 pub type SharedInfo = Arc<Mutex<MigrationInfo>>;
@@ -120,6 +123,7 @@ pub fn spawn(
                 let stats = {
                     let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
                     i.running = false;
+                    i.outcome_unknown |= source::after_go(&e);
                     if !matches!(i.stats.status, Status::Failed | Status::Cancelled) {
                         i.stats.status = Status::Failed;
                     }

@@ -179,7 +179,9 @@ struct Run<'a> {
     devices: SourceDevices,
 }
 
-fn after_go(e: &SourceError) -> bool {
+/// The migration failed after Go without the destination's confirmation: its outcome is
+/// unknown (the destination may be running the guest).
+pub fn after_go(e: &SourceError) -> bool {
     matches!(e, SourceError::End(EndError::AfterGo(_)))
 }
 
@@ -251,6 +253,8 @@ impl Run<'_> {
     ) -> Result<(), SourceError> {
         let mut m = lock(shared);
         self.stats.status = Status::Device;
+        // An operator's pause outlives a failed migration.
+        let was_paused = m.vcpus.is_paused();
         m.vcpus.pause()?;
         let paused = Instant::now();
         match self.send_final(&m, pending, paused) {
@@ -268,7 +272,9 @@ impl Run<'_> {
             }
             Err(e) => {
                 self.devices.recover();
-                m.vcpus.resume()?;
+                if !was_paused {
+                    m.vcpus.resume()?;
+                }
                 Err(e)
             }
         }
