@@ -18,6 +18,7 @@
 //! `session::dest_ready` (waits for Go); resume; `session::dest_confirm` with the timings.
 
 pub mod bitmap;
+pub mod certs;
 pub mod description;
 pub mod dirty;
 pub mod error;
@@ -32,6 +33,7 @@ pub mod sparse;
 pub mod state;
 pub mod stats;
 pub mod throttle;
+pub mod transport;
 pub mod zero;
 
 pub use error::MigrationError;

@@ -7,6 +7,7 @@ mod precopy;
 mod protocol;
 mod session;
 mod throughput;
+mod tls;
 
 use crate::protocol::{DestTimings, DevicePhase, Message};
 use crate::ranges::MemoryRange;

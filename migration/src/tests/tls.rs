@@ -1,0 +1,137 @@
+//! Mutual TLS over real loopback sockets: the duplex stream both threads of a migration
+//! share, and every refusal (other CA, expired, no certificate, plaintext to TLS).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::thread;
+use std::time::Duration;
+
+use crate::certs::{CertsSpec, write_test_certs};
+use crate::protocol::{Channel, Message};
+use crate::transport::{MigStream, TlsDir, TlsError};
+
+fn certs(dir: &Path, expired: bool) {
+    let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+    let spec = CertsSpec {
+        hosts: &hosts,
+        expired,
+    };
+    write_test_certs(dir, &spec).unwrap();
+}
+
+/// A listener and a dialled connection to it (client side, server side).
+fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    for t in [&c, &s] {
+        t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    (c, s)
+}
+
+/// Handshakes with `client` and `server` identities; returns both results.
+fn handshake(
+    client: &Path,
+    server: &Path,
+) -> (Result<MigStream, TlsError>, Result<MigStream, TlsError>) {
+    let (c, s) = pair();
+    let scfg = TlsDir::load(server).unwrap().server_config().unwrap();
+    let srv = thread::spawn(move || MigStream::accept_tls(s, scfg));
+    let ccfg = TlsDir::load(client).unwrap().client_config().unwrap();
+    let cli = MigStream::connect_tls(c, "127.0.0.1", ccfg);
+    (cli, srv.join().unwrap())
+}
+
+#[test]
+fn both_directions_at_once_over_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path(), false);
+    let (cli, srv) = handshake(&dir.path().join("source"), &dir.path().join("destination"));
+    let (cli, mut srv) = (cli.unwrap(), srv.unwrap());
+    assert!(cli.is_tls());
+    // The source writes 8 MiB on one handle while its return-path reader takes the
+    // destination's messages on a clone, as a migration does.
+    let payload: Vec<u8> = (0..8 << 20).map(|i: u32| (i * 7) as u8).collect();
+    let mut rp = Channel::new(cli.try_clone().unwrap());
+    let reader = thread::spawn(move || (0..100).map(|_| rp.recv().unwrap()).count());
+    let want = payload.clone();
+    let dest = thread::spawn(move || {
+        let mut back = Channel::new(srv.try_clone().unwrap());
+        let mut got = vec![0u8; want.len()];
+        let mut at = 0;
+        let mut acks = 0;
+        while at < got.len() {
+            let n = srv.read(&mut got[at..]).unwrap();
+            assert!(n > 0, "early EOF");
+            at += n;
+            if acks < 100 {
+                back.send(&Message::Ready).unwrap();
+                acks += 1;
+            }
+        }
+        while acks < 100 {
+            back.send(&Message::Ready).unwrap();
+            acks += 1;
+        }
+        assert!(got == want, "payload corrupted");
+    });
+    let mut w = cli.try_clone().unwrap();
+    w.write_all(&payload).unwrap();
+    w.flush().unwrap();
+    dest.join().unwrap();
+    assert_eq!(reader.join().unwrap(), 100);
+    let _ = cli.shutdown();
+}
+
+#[test]
+fn a_certificate_from_another_ca_is_refused_on_both_sides() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    certs(a.path(), false);
+    certs(b.path(), false);
+    let (cli, srv) = handshake(&a.path().join("source"), &b.path().join("destination"));
+    let (ce, se) = (
+        cli.err().unwrap().to_string(),
+        srv.err().unwrap().to_string(),
+    );
+    assert!(ce.starts_with("TLS handshake with 127.0.0.1:"), "{ce}");
+    assert!(ce.contains("invalid peer certificate"), "{ce}");
+    assert!(se.contains("TLS handshake with 127.0.0.1:"), "{se}");
+}
+
+#[test]
+fn an_expired_client_certificate_is_refused() {
+    let old = tempfile::tempdir().unwrap();
+    certs(old.path(), true);
+    let (cli, srv) = handshake(&old.path().join("source"), &old.path().join("destination"));
+    let ce = cli.err().unwrap().to_string();
+    assert!(ce.contains("certificate expired"), "{ce}");
+    assert!(srv.is_err());
+}
+
+#[test]
+fn plaintext_to_a_tls_destination_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path(), false);
+    let (mut c, s) = pair();
+    let scfg = TlsDir::load(&dir.path().join("destination"))
+        .unwrap()
+        .server_config()
+        .unwrap();
+    let srv = thread::spawn(move || MigStream::accept_tls(s, scfg));
+    let mut ch = Channel::new(&mut c);
+    let _ = ch.send(&Message::Ready);
+    let e = srv.join().unwrap().err().unwrap().to_string();
+    assert!(e.starts_with("TLS handshake with 127.0.0.1:"), "{e}");
+}
+
+#[test]
+fn missing_or_bad_files_name_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = TlsDir::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("key.pem"), "{e}");
+    std::fs::write(dir.path().join("key.pem"), "not a key").unwrap();
+    let e = TlsDir::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("no usable private key"), "{e}");
+}
