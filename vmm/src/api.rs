@@ -327,6 +327,11 @@ fn start_migration(m: &Machine, machine: &SharedMachine, req: &Value) -> Value {
         // `minivmm ctl ... force_dirty_dma` sends the string "true".
         force_dirty_dma: matches!(req.get("force_dirty_dma"), Some(Value::Bool(true)))
             || req.get("force_dirty_dma").and_then(Value::as_str) == Some("true"),
+        tls_dir: req
+            .get("tls_dir")
+            .or_else(|| req.get("tls-dir"))
+            .and_then(Value::as_str)
+            .map(PathBuf::from),
     };
     migrate::spawn(
         machine.clone(),
@@ -350,6 +355,9 @@ pub fn migrate_client(path: &Path, to: &str, t: &MigrationTuning) -> Result<i32,
     }
     if t.force_dirty_dma {
         args.push("force_dirty_dma=true".into());
+    }
+    if let Some(d) = &t.tls_dir {
+        args.push(format!("tls_dir={}", d.display()));
     }
     let reply = request(path, "migrate", &args)?;
     if reply.get("ok").and_then(Value::as_bool) != Some(true) {

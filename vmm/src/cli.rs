@@ -37,6 +37,17 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         extract: Option<PathBuf>,
     },
+    /// Write a test CA and a certificate for each side of a migration (DIR/source,
+    /// DIR/destination: what --tls-dir takes), valid for HOSTS.
+    Certs {
+        dir: PathBuf,
+        /// IP addresses and DNS names the certificates name, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,localhost")]
+        hosts: Vec<String>,
+        /// Certificates that expired long ago (for testing refusals).
+        #[arg(long, hide = true)]
+        expired: bool,
+    },
     /// Wait for one live migration on HOST:PORT, then run the VM it brings.
     Receive(ReceiveArgs),
     /// Live-migrate the VM of a running minivmm (found by its control socket) to a destination.
@@ -84,6 +95,10 @@ pub struct MigrationTuning {
     /// their DMA-mapped RAM as dirty on every pass (otherwise such a device blocks migration).
     #[arg(long)]
     pub force_dirty_dma: bool,
+    /// Mutual TLS: DIR holds ca.pem (the CA both sides trust), cert.pem and key.pem (this
+    /// side); without it the migration stream is plaintext (`minivmm certs` makes test ones).
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -45,6 +45,25 @@ fn main() {
             cmd,
             args,
         } => api::client(&api_sock, &cmd, &args).map_err(Into::into),
+        Command::Certs {
+            dir,
+            hosts,
+            expired,
+        } => {
+            let spec = migration::certs::CertsSpec {
+                hosts: &hosts,
+                expired,
+            };
+            migration::certs::write_test_certs(&dir, &spec)
+                .map(|()| {
+                    println!(
+                        "wrote {0}/ca.pem, {0}/source/ and {0}/destination/ (--tls-dir)",
+                        dir.display()
+                    );
+                    0
+                })
+                .map_err(Into::into)
+        }
         Command::Guests { extract } => guests::all()
             .iter()
             .try_for_each(|g| {

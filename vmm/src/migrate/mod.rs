@@ -36,6 +36,9 @@ pub struct MigrateOptions {
     /// Migrate passthrough devices that cannot log their DMA writes, treating all the RAM
     /// they can reach as dirty on every pass.
     pub force_dirty_dma: bool,
+    /// Mutual TLS with this side's identity (`ca.pem`, `cert.pem`, `key.pem`); plain TCP
+    /// without it.
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for MigrateOptions {
@@ -46,6 +49,7 @@ impl Default for MigrateOptions {
             max_bandwidth: None,
             timeout: Duration::from_secs(600),
             force_dirty_dma: false,
+            tls_dir: None,
         }
     }
 }
@@ -85,6 +89,7 @@ pub fn options(to: &str, t: &crate::cli::MigrationTuning) -> MigrateOptions {
         max_bandwidth: t.max_bandwidth,
         timeout: Duration::from_secs(t.timeout),
         force_dirty_dma: t.force_dirty_dma,
+        tls_dir: t.tls_dir.clone(),
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::io::IsTerminal;
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use migration::MigrationError;
@@ -16,6 +17,7 @@ use migration::ranges::MemoryRange;
 use migration::send::SendOptions;
 use migration::session::{EndError, abandon, source_end, source_handshake};
 use migration::stats::{MigrationStats, Progress, Status, progress_line};
+use migration::transport::{MigStream, TlsDir, TlsError};
 
 use super::dirty_kvm::KvmDirtyLog;
 use super::passthrough::{self, DeviceError};
@@ -50,6 +52,8 @@ pub enum SourceError {
     End(#[from] EndError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -58,7 +62,30 @@ fn lock(m: &SharedMachine) -> std::sync::MutexGuard<'_, Machine> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn connect(to: &str) -> Result<TcpStream, SourceError> {
+/// Dials the destination: mutual TLS with `tls_dir`, else plain TCP (with a warning).
+fn connect(to: &str, tls_dir: Option<&Path>) -> Result<MigStream, SourceError> {
+    let tcp = connect_tcp(to)?;
+    let Some(dir) = tls_dir else {
+        log::warn!("migration to {to} is plaintext: no --tls-dir, so memory travels in the clear");
+        return Ok(MigStream::Plain(tcp));
+    };
+    let cfg = TlsDir::load(dir)?.client_config()?;
+    let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
+    let s = MigStream::connect_tls(tcp, host, cfg).map_err(|e| match e {
+        // A plaintext destination answers a ClientHello by closing.
+        TlsError::Handshake { peer, err } if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+            TlsError::Handshake {
+                peer: format!("{peer} (does it listen with --tls-dir?)"),
+                err,
+            }
+        }
+        e => e,
+    })?;
+    log::info!("mutual TLS with {to}");
+    Ok(s)
+}
+
+fn connect_tcp(to: &str) -> Result<TcpStream, SourceError> {
     let err = |e| SourceError::Connect(to.to_owned(), e);
     let addr = to
         .to_socket_addrs()
@@ -82,7 +109,7 @@ pub fn migrate(
 ) -> Result<MigrationStats, SourceError> {
     let start = Instant::now();
     let (mem, fd, desc, devices) = prepare(shared, opts)?;
-    let stream = connect(&opts.to)?;
+    let stream = connect(&opts.to, opts.tls_dir.as_deref())?;
     let mut ch = Channel::new(stream.try_clone()?);
     let granted = source_handshake(&mut ch, &desc, features::ALL)?;
     let rp = ReturnPath::spawn(stream.try_clone()?)?;
@@ -132,7 +159,7 @@ pub fn migrate(
         run.stats.error_desc = Some(e.to_string());
     }
     // Ends the return-path reader thread.
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = stream.shutdown();
     run.stats.total_time = start.elapsed().as_millis() as u64;
     run.stats.ram.set_rates(start.elapsed());
     if run.tty {
@@ -171,7 +198,7 @@ struct Run<'a> {
     opts: &'a MigrateOptions,
     info: &'a SharedInfo,
     mem: GuestMemory,
-    ch: Channel<TcpStream>,
+    ch: Channel<MigStream>,
     rp: ReturnPath,
     log: DirtyLog,
     stats: MigrationStats,
