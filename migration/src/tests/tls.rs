@@ -135,3 +135,38 @@ fn missing_or_bad_files_name_the_path() {
     let e = TlsDir::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("no usable private key"), "{e}");
 }
+
+#[test]
+fn a_source_without_a_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path(), false);
+    let (c, s) = pair();
+    let scfg = TlsDir::load(&dir.path().join("destination"))
+        .unwrap()
+        .server_config()
+        .unwrap();
+    let srv = thread::spawn(move || MigStream::accept_tls(s, scfg));
+    // A client that trusts the CA but presents no certificate of its own.
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let cli = MigStream::connect_tls(c, "127.0.0.1", std::sync::Arc::new(cfg));
+    let se = srv.join().unwrap().err().unwrap().to_string();
+    assert!(se.contains("peer sent no certificates"), "{se}");
+    // TLS 1.3 finishes the client's side before the server's verdict arrives; the first
+    // read then fails.
+    if let Ok(mut c) = cli {
+        let mut b = [0u8; 1];
+        assert!(c.read(&mut b).is_err());
+    }
+}
