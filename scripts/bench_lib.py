@@ -438,7 +438,7 @@ def settle(dst, tail, dst_log, t_moved, end, min_settle_s, settle_until):
 def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", warmup_s=2.0,
                           settle_until=None, settle_s=1.0, min_settle_s=0.3, downtime_ms=300,
                           max_bandwidth=None, timeout_s=120.0, hb_ms=20, guest="dirtier",
-                          pause_source=False):
+                          pause_source=False, tls_dir=None):
     """One live migration of an embedded guest between two minivmm processes on loopback.
 
     The destination (`minivmm receive`) starts first; the source (`minivmm run`, with a control
@@ -448,7 +448,8 @@ def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", wa
     runs on the destination. With `pause_source` the guest is paused (control socket) just
     before the request, which takes the source vCPU's CPU use out of the measurement (a
     diagnostic: the guest-seen downtime then means nothing and is left out). The destination
-    then runs on until a line matching `settle_until`
+    then runs on until a line matching `settle_until`. With `tls_dir` (a `minivmm certs`
+    directory) the migration runs over mutual TLS.
     (a regex, e.g. a complete verify sweep there) or for `settle_s`, at least `min_settle_s`.
 
     Returns one sample: the source's statistics (QEMU query-migrate names), the destination's,
@@ -461,8 +462,9 @@ def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", wa
     dst_sock = os.path.join(work, "dst.sock")
     deadline = time.monotonic() + timeout_s
     with SerialTail([src_log, dst_log]) as tail:
+        tls = ["--tls-dir", os.path.join(tls_dir, "destination")] if tls_dir else []
         dst = procs.start("dst", [binary, "receive", "--listen", f"127.0.0.1:{port}",
-                                  "--serial", f"file:{dst_log}", "--api-sock", dst_sock])
+                                  "--serial", f"file:{dst_log}", "--api-sock", dst_sock] + tls)
         wait_for("the destination to listen", lambda: tcp_listening(port), 30, [dst])
         src = procs.start("src", [binary, "run", "--guest", guest, "--memory", str(memory),
                                   "--cmdline", cmdline, "--serial", f"file:{src_log}",
@@ -477,6 +479,8 @@ def run_minivmm_migration(procs, binary, *, memory, cmdline, ready=r"^HB 0$", wa
                   "timeout": int(max(1, deadline - time.monotonic()))}
         if max_bandwidth:
             fields["max_bandwidth"] = max_bandwidth
+        if tls_dir:
+            fields["tls_dir"] = os.path.join(tls_dir, "source")
         if pause_source:
             reply = api_request(src_sock, "pause")
             if reply.get("ok") is not True:

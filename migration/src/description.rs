@@ -155,7 +155,9 @@ fn check_cpuid(src: &[CpuidEntry], dst: &[CpuidEntry]) -> Result<(), Description
             }
             Some(d) if d != s => {
                 return Err(incompatible(format!(
-                    "CPUID leaf {:#x}.{} differs: source {s:x?}, destination {d:x?}",
+                    // Only the source's own values: a refusal goes to an unvetted peer, and
+                    // must not tell it about the destination host.
+                    "CPUID leaf {:#x}.{} differs on the destination (source has {s:x?})",
                     s.function, s.index
                 )));
             }
@@ -164,9 +166,8 @@ fn check_cpuid(src: &[CpuidEntry], dst: &[CpuidEntry]) -> Result<(), Description
     }
     if dst.len() != src.len() {
         return Err(incompatible(format!(
-            "{} CPUID entries, destination has {}",
-            src.len(),
-            dst.len()
+            "the destination has CPUID leaves that the source's {} entries lack",
+            src.len()
         )));
     }
     Ok(())

@@ -13,6 +13,10 @@ pub enum MigrationError {
     /// violation, never a reason to touch memory.
     #[error("range {0:x?} is outside the VM's RAM")]
     OutOfRange(MemoryRange),
+    /// Ranges of one `ZeroRanges` frame must be disjoint, so the work a frame asks for is
+    /// bounded by the size of RAM.
+    #[error("zero range {0:x?} overlaps or repeats another in the same frame")]
+    Overlapping(MemoryRange),
     #[error("guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
     #[error(transparent)]

@@ -134,7 +134,8 @@ impl MemoryReceiver {
     }
 
     /// Makes `ranges` read as zero, writing only pages this migration has written before.
-    /// All ranges are checked before any is applied.
+    /// All ranges are checked before any is applied: each must lie in RAM and none may
+    /// overlap or repeat another, so one frame never asks for more work than RAM holds.
     pub fn apply_zero_ranges<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
@@ -144,6 +145,7 @@ impl MemoryReceiver {
             .iter()
             .map(|r| self.region_of(*r))
             .collect::<Result<_, _>>()?;
+        check_disjoint(ranges)?;
         for (&range, i) in ranges.iter().zip(idx) {
             let region = &mut self.regions[i];
             let rel = MemoryRange::new(range.gpa - region.range.gpa, range.len);
@@ -158,18 +160,38 @@ impl MemoryReceiver {
     }
 }
 
+/// Refuses a set of ranges in which any two share a byte (already known not to wrap).
+fn check_disjoint(ranges: &[MemoryRange]) -> Result<(), MigrationError> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable_by_key(|r| r.gpa);
+    for pair in sorted.windows(2) {
+        if pair[1].gpa < pair[0].gpa + pair[0].len {
+            return Err(MigrationError::Overlapping(pair[1]));
+        }
+    }
+    Ok(())
+}
+
 /// The touched parts of `rel` (region-relative), clearing the bits of pages it covers whole.
 fn touched_within(touched: &mut [u64], rel: MemoryRange) -> Vec<MemoryRange> {
     let mut out = Vec::new();
     let end = rel.gpa + rel.len;
     let first = rel.gpa / PAGE_SIZE;
-    for page in first..first + rel.pages() {
-        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+    let stop_page = first + rel.pages();
+    let mut page = first;
+    while page < stop_page {
+        let (this, w, bit) = (page, (page / 64) as usize, 1u64 << (page % 64));
+        page += 1;
+        if touched[w] == 0 {
+            // Nothing written in this word's 64 pages: skip them together.
+            page = (this / 64 + 1) * 64;
+            continue;
+        }
         if touched[w] & bit == 0 {
             continue;
         }
-        let start = (page * PAGE_SIZE).max(rel.gpa);
-        let stop = ((page + 1) * PAGE_SIZE).min(end);
+        let start = (this * PAGE_SIZE).max(rel.gpa);
+        let stop = ((this + 1) * PAGE_SIZE).min(end);
         if stop - start == PAGE_SIZE {
             touched[w] &= !bit;
         }

@@ -45,26 +45,74 @@ where
     S: Read + Write,
     F: FnOnce(&VmDescription) -> Result<(), String>,
 {
-    let granted = match ch.recv()? {
-        Message::Hello { features: f, .. } => f & features,
-        other => return Err(ProtocolError::unexpected("Hello", other).into()),
+    let (desc, granted) = dest_hello(ch, features)?;
+    dest_answer(ch, &desc, check)?;
+    Ok((desc, granted))
+}
+
+/// Destination, first half of the handshake: `Hello` → `HelloAck`, then the `Description`.
+/// Everything here is sized and paced by a peer nobody has vetted yet, so a caller bounds it
+/// with one deadline. A frame that cannot be decoded (a malformed or oversized description,
+/// garbage) is answered with a `Refuse` naming the problem, best effort, before the error.
+pub fn dest_hello<S: Read + Write>(
+    ch: &mut Channel<S>,
+    features: u64,
+) -> Result<(VmDescription, u64), MigrationError> {
+    let granted = match ch.recv() {
+        Ok(Message::Hello { features: f, .. }) => f & features,
+        Ok(other) => return Err(refuse(ch, ProtocolError::unexpected("Hello", other))),
+        Err(e) => return Err(refuse(ch, e)),
     };
     ch.send(&Message::HelloAck {
         version: PROTOCOL_VERSION.into(),
         features: granted,
     })?;
-    let desc = match ch.recv()? {
-        Message::Description(d) => d,
-        other => return Err(ProtocolError::unexpected("Description", other).into()),
-    };
-    if let Err(reason) = check(&desc) {
+    match ch.recv() {
+        Ok(Message::Description(d)) => Ok((d, granted)),
+        Ok(other) => Err(refuse(ch, ProtocolError::unexpected("Description", other))),
+        Err(e) => Err(refuse(ch, e)),
+    }
+}
+
+/// Destination, second half: `check` the description, then `Accept` or `Refuse` with its
+/// reason (which is returned as the error).
+pub fn dest_answer<S, F>(
+    ch: &mut Channel<S>,
+    desc: &VmDescription,
+    check: F,
+) -> Result<(), MigrationError>
+where
+    S: Read + Write,
+    F: FnOnce(&VmDescription) -> Result<(), String>,
+{
+    if let Err(reason) = check(desc) {
         ch.send(&Message::Refuse {
             reason: reason.clone(),
         })?;
         return Err(ProtocolError::Refused(reason).into());
     }
     ch.send(&Message::Accept)?;
-    Ok((desc, granted))
+    Ok(())
+}
+
+/// Tells a peer whose frame this side could not take why (unless the connection itself is
+/// the problem, or the peer already said no), and returns the error.
+fn refuse<S: Write>(ch: &mut Channel<S>, e: ProtocolError) -> MigrationError {
+    let tell = !(e.is_timeout()
+        || matches!(
+            e,
+            ProtocolError::Closed
+                | ProtocolError::Io(_)
+                | ProtocolError::Refused(_)
+                | ProtocolError::Abandoned(_)
+        ));
+    if tell {
+        let reason = e.to_string();
+        if let Err(send) = ch.send(&Message::Refuse { reason }) {
+            log::debug!("could not send Refuse: {send}");
+        }
+    }
+    e.into()
 }
 
 /// A failed end phase, split by whether `Go` had been sent.
@@ -87,7 +135,11 @@ pub fn source_end<S: Write>(
     timeout: Duration,
     mut on_ack: impl FnMut(String),
 ) -> Result<DestTimings, EndError> {
-    let before = |e: ProtocolError| EndError::BeforeGo(e.into());
+    let timed = |e: ProtocolError| match e {
+        ProtocolError::Timeout => ProtocolError::TimedOut(timeout),
+        e => e,
+    };
+    let before = |e: ProtocolError| EndError::BeforeGo(timed(e).into());
     loop {
         match rp.recv_timeout(timeout).map_err(before)? {
             Message::Ready => break,
@@ -96,7 +148,7 @@ pub fn source_end<S: Write>(
         }
     }
     ch.send(&Message::Go).map_err(before)?;
-    let after = |e: ProtocolError| EndError::AfterGo(e.into());
+    let after = |e: ProtocolError| EndError::AfterGo(timed(e).into());
     match rp.recv_timeout(timeout).map_err(after)? {
         Message::Resumed(t) => Ok(t),
         other => Err(after(ProtocolError::unexpected("Resumed", other))),

@@ -172,12 +172,16 @@ fn tls_io(e: rustls::Error) -> io::Error {
 
 /// Runs the handshake to its end on `sock`, with its timeouts.
 fn handshake(mut conn: Connection, sock: TcpStream, peer: String) -> Result<MigStream, TlsError> {
+    let server = matches!(conn, Connection::Server(_));
     let mut s = &sock;
     while conn.is_handshaking() {
         if let Err(err) = conn.complete_io(&mut s) {
             // Tell the peer why, if rustls has an alert queued.
             let _ = conn.write_tls(&mut s);
-            return Err(TlsError::Handshake { peer, err });
+            return Err(TlsError::Handshake {
+                peer: format!("{peer}{}", hint(&err, server)),
+                err,
+            });
         }
     }
     conn.set_buffer_limit(None);
@@ -191,6 +195,23 @@ fn handshake(mut conn: Connection, sock: TcpStream, peer: String) -> Result<MigS
             send: Mutex::new(()),
         }),
     })
+}
+
+/// What a failed handshake most likely means, when the error says it.
+fn hint(err: &io::Error, server: bool) -> &'static str {
+    let text = err.to_string();
+    let plaintext = text.contains("InvalidContentType") || text.contains("corrupt message");
+    let closed = matches!(
+        err.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+    );
+    match (plaintext, closed, server) {
+        (true, _, true) => " (it does not speak TLS: a source without --tls-dir?)",
+        (true, _, false) | (false, true, false) => {
+            " (it does not speak TLS: a destination without --tls-dir?)"
+        }
+        _ => "",
+    }
 }
 
 /// Sends what rustls has sealed, in the order it sealed it.

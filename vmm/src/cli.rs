@@ -78,6 +78,10 @@ pub struct ReceiveArgs {
     /// stdio | file:PATH | null
     #[arg(long, default_value = "stdio", value_parser = parse_serial)]
     pub serial: SerialOutput,
+    /// Mutual TLS: DIR holds ca.pem (the CA sources must be signed by), cert.pem and key.pem
+    /// (this destination); without it the listener takes plaintext migrations.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -3,6 +3,7 @@
 //! the socket straight into guest memory, so no user-space buffer may hold them back.
 
 use std::io::{ErrorKind, Read, Write};
+use std::time::Duration;
 
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, ReadVolatile, WriteVolatile,
@@ -18,6 +19,8 @@ pub struct Channel<S> {
     pending: Option<MemoryRange>,
     bytes_written: u64,
     bytes_read: u64,
+    /// The stream's read/write timeout, so an expiry reads "timed out after N s".
+    timeout: Option<Duration>,
 }
 
 impl<S> Channel<S> {
@@ -27,6 +30,21 @@ impl<S> Channel<S> {
             pending: None,
             bytes_written: 0,
             bytes_read: 0,
+            timeout: None,
+        }
+    }
+
+    /// Names the timeout the caller set on the stream: any expiry of it is then reported as
+    /// [`ProtocolError::TimedOut`] (a retry-able `Timeout` at a frame boundary included).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    fn timed<T>(&self, r: Result<T, ProtocolError>) -> Result<T, ProtocolError> {
+        match (r, self.timeout) {
+            (Err(e), Some(t)) if e.is_timeout() => Err(ProtocolError::TimedOut(t)),
+            (r, _) => r,
         }
     }
 
@@ -57,6 +75,11 @@ impl<S: Write> Channel<S> {
     /// Sends any message except `MemoryPages`, whose bytes come from guest memory
     /// ([`Channel::send_memory`]).
     pub fn send(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        let r = self.send_raw(msg);
+        self.timed(r)
+    }
+
+    fn send_raw(&mut self, msg: &Message) -> Result<(), ProtocolError> {
         if let Message::MemoryPages { .. } = msg {
             return Err(ProtocolError::malformed(
                 MessageType::MemoryPages,
@@ -78,6 +101,14 @@ impl<S: Write + WriteVolatile> Channel<S> {
     /// Sends `range` of guest memory as one `MemoryPages` frame, streaming the bytes from the
     /// guest mapping to the socket without an intermediate buffer.
     pub fn send_memory<M>(&mut self, mem: &M, range: MemoryRange) -> Result<(), ProtocolError>
+    where
+        M: GuestMemoryBackend + ?Sized,
+    {
+        let r = self.send_memory_raw(mem, range);
+        self.timed(r)
+    }
+
+    fn send_memory_raw<M>(&mut self, mem: &M, range: MemoryRange) -> Result<(), ProtocolError>
     where
         M: GuestMemoryBackend + ?Sized,
     {
@@ -105,6 +136,11 @@ impl<S: Read> Channel<S> {
     /// Receives the next message. After `MemoryPages` the page bytes must be consumed
     /// (`recv_memory` or `discard_pending`) before the next call.
     pub fn recv(&mut self) -> Result<Message, ProtocolError> {
+        let r = self.recv_raw();
+        self.timed(r)
+    }
+
+    fn recv_raw(&mut self) -> Result<Message, ProtocolError> {
         if let Some(p) = self.pending {
             return Err(ProtocolError::PendingPayload(p.len));
         }
@@ -141,6 +177,11 @@ impl<S: Read> Channel<S> {
     /// Reads and drops the pending page bytes (e.g. when replying with Abandon would be
     /// pointless before draining them). Memory use is one small buffer.
     pub fn discard_pending(&mut self) -> Result<(), ProtocolError> {
+        let r = self.discard_raw();
+        self.timed(r)
+    }
+
+    fn discard_raw(&mut self) -> Result<(), ProtocolError> {
         if let Some(p) = self.pending.take() {
             let copied = std::io::copy(&mut (&mut self.stream).take(p.len), &mut std::io::sink())?;
             self.bytes_read += copied;
@@ -165,6 +206,14 @@ impl<S: Read + ReadVolatile> Channel<S> {
     /// caller checks the range against the VM's layout first; this only refuses what vm-memory
     /// cannot map. Writes go through vm-memory so the destination's dirty bitmap sees them.
     pub fn recv_memory<M>(&mut self, mem: &M) -> Result<(), ProtocolError>
+    where
+        M: GuestMemoryBackend + ?Sized,
+    {
+        let r = self.recv_memory_raw(mem);
+        self.timed(r)
+    }
+
+    fn recv_memory_raw<M>(&mut self, mem: &M) -> Result<(), ProtocolError>
     where
         M: GuestMemoryBackend + ?Sized,
     {

@@ -89,7 +89,11 @@ fn is_timeout(e: &io::Error) -> bool {
 /// timeout is `Timeout` (the stream is still in sync, so the caller may simply retry).
 pub fn read_header<R: Read>(r: &mut R) -> Result<Header, ProtocolError> {
     let mut b = [0u8; HEADER_LEN];
-    match fill(r, &mut b) {
+    let (n, err) = fill(r, &mut b);
+    if looks_like_tls(&b[..n]) {
+        return Err(ProtocolError::PeerSpeaksTls);
+    }
+    match (n, err) {
         (0, None) => Err(ProtocolError::Closed),
         (0, Some(e)) if is_timeout(&e) => Err(ProtocolError::Timeout),
         (_, Some(e)) => Err(e.into()),
@@ -99,6 +103,12 @@ pub fn read_header<R: Read>(r: &mut R) -> Result<Header, ProtocolError> {
         }),
         _ => Header::parse(&b),
     }
+}
+
+/// A TLS record header (handshake or alert, version 3.x): what a TLS peer sends first, a
+/// ClientHello, or answers a plaintext frame with, an alert.
+fn looks_like_tls(b: &[u8]) -> bool {
+    matches!(b, [0x15 | 0x16, 0x03, 0x01..=0x04, ..])
 }
 
 /// Reads exactly `len` bytes (already bounded by the header check). The buffer grows with

@@ -234,10 +234,16 @@ pub enum ProtocolError {
     /// Nothing arrived within the caller's read timeout; the stream is still in sync.
     #[error("timed out waiting for the peer")]
     Timeout,
+    /// A read or write of the stream found the peer silent for the whole peer timeout.
+    #[error("timed out after {} s", .0.as_secs_f64())]
+    TimedOut(std::time::Duration),
     #[error("migration stream I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("bad magic {0:#010x}: not a minivmm migration stream")]
     BadMagic(u32),
+    /// A TLS record arrived on a plaintext stream: the peer was given `--tls-dir`.
+    #[error("the peer speaks TLS (it has --tls-dir) but this side has no --tls-dir")]
+    PeerSpeaksTls,
     #[error("unsupported protocol version {0} (this side speaks {PROTOCOL_VERSION})")]
     UnsupportedVersion(u8),
     #[error("unknown frame flags {0:#04x}")]
@@ -277,6 +283,23 @@ impl ProtocolError {
         Self::Malformed {
             msg_type,
             reason: reason.into(),
+        }
+    }
+
+    /// Whether this is an expired socket timeout, however it surfaced (at a frame boundary,
+    /// inside a frame, or while streaming pages).
+    pub fn is_timeout(&self) -> bool {
+        let kind = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        };
+        match self {
+            Self::Timeout | Self::TimedOut(_) => true,
+            Self::Io(e) => kind(e),
+            Self::Memory(vm_memory::GuestMemoryError::IOError(e)) => kind(e),
+            _ => false,
         }
     }
 

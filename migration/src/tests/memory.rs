@@ -232,3 +232,54 @@ fn holes_of_a_shared_memfd_are_sent_as_zero_without_reading() {
         2 * PAGE_SIZE
     );
 }
+
+#[test]
+fn overlapping_or_repeated_zero_ranges_are_refused_without_writing() {
+    let dst = memory();
+    let mut rx = MemoryReceiver::new(&dst, false);
+    let page = |n: u64| MemoryRange::new(n * PAGE_SIZE, PAGE_SIZE);
+    let bad: [Vec<MemoryRange>; 4] = [
+        vec![page(3), page(3)],                                    // repeated
+        vec![MemoryRange::new(0, 4 * PAGE_SIZE), page(2)],         // contained
+        vec![page(9), MemoryRange::new(PAGE_SIZE, 9 * PAGE_SIZE)], // overlap, unsorted
+        vec![MemoryRange::new(0, 0x20_0000); crate::protocol::MAX_ZERO_RANGES], // the flood
+    ];
+    for ranges in bad {
+        dst.write_obj(0xeeu8, GuestAddress(3 * PAGE_SIZE)).unwrap();
+        let err = rx.apply_zero_ranges(&dst, &ranges);
+        assert!(
+            matches!(err, Err(MigrationError::Overlapping(_))),
+            "{:x?}: {err:?}",
+            &ranges[..2]
+        );
+        assert_eq!(
+            dst.read_obj::<u8>(GuestAddress(3 * PAGE_SIZE)).unwrap(),
+            0xee
+        );
+    }
+    // Adjacent and in any order is fine, and clears what it covers.
+    rx.apply_zero_ranges(
+        &dst,
+        &[page(4), page(3), MemoryRange::new(0x1_0000_0000, 4096)],
+    )
+    .unwrap();
+    assert_eq!(dst.read_obj::<u8>(GuestAddress(3 * PAGE_SIZE)).unwrap(), 0);
+}
+
+#[test]
+fn a_zero_range_outside_ram_is_refused_through_the_channel() {
+    let dst = memory();
+    let mut rx = MemoryReceiver::new(&dst, true);
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut tx = Channel::new(a);
+    tx.send(&Message::ZeroRanges(vec![MemoryRange::new(
+        0x30_0000, PAGE_SIZE,
+    )]))
+    .unwrap();
+    let mut ch = Channel::new(b);
+    let msg = ch.recv().unwrap();
+    assert!(matches!(
+        rx.handle(&dst, &mut ch, msg),
+        Err(MigrationError::OutOfRange(_))
+    ));
+}

@@ -283,3 +283,18 @@ fn short_reads_while_receiving_pages_are_retried() {
         Err(ProtocolError::Truncated { .. })
     ));
 }
+
+#[test]
+fn a_named_timeout_reads_as_timed_out_after_n_s() {
+    let (a, b) = UnixStream::pair().unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut rx = Channel::new(b).with_timeout(Duration::from_secs(7));
+    let e = rx.recv().unwrap_err();
+    assert!(matches!(e, ProtocolError::TimedOut(_)), "{e:?}");
+    assert_eq!(e.to_string(), "timed out after 7 s");
+    let mut tx = Channel::new(a);
+    tx.get_mut().write_all(&[0x4d]).unwrap(); // inside a header: EAGAIN, same wording
+    let e = rx.recv().unwrap_err().to_string();
+    assert_eq!(e, "timed out after 7 s");
+    assert!(!e.contains("os error"));
+}

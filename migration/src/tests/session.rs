@@ -100,3 +100,44 @@ fn silence_after_go_is_reported_as_after_go() {
     assert!(matches!(err, EndError::AfterGo(_)), "{err:?}");
     drop(dest.join().unwrap());
 }
+
+/// What a source sees when the destination cannot decode its description.
+fn refusal_of(frame: Vec<u8>) -> (String, MigrationError) {
+    use std::io::{Read, Write};
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let dest = thread::spawn(move || {
+        let mut ch = Channel::new(b);
+        crate::session::dest_hello(&mut ch, features::ALL).unwrap_err()
+    });
+    let mut ch = Channel::new(a.try_clone().unwrap());
+    ch.send(&Message::Hello {
+        version: 1,
+        features: 0,
+    })
+    .unwrap();
+    assert!(matches!(ch.recv().unwrap(), Message::HelloAck { .. }));
+    a.write_all(&frame).unwrap();
+    let err = dest.join().unwrap();
+    let reply = ch.recv();
+    let mut rest = Vec::new();
+    let _ = a.read_to_end(&mut rest);
+    match reply {
+        Ok(Message::Refuse { reason }) => (reason, err),
+        other => panic!("expected Refuse, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_malformed_description_is_refused_with_a_reason() {
+    use crate::protocol::{Header, MessageType};
+    let mut frame = Header::new(MessageType::Description, 5).to_bytes().to_vec();
+    frame.extend_from_slice(&[0xff; 5]);
+    let (reason, err) = refusal_of(frame);
+    assert!(reason.contains("Description"), "{reason}");
+    assert!(err.to_string().contains("Description"), "{err}");
+    // A header announcing more than a description may hold: refused before any payload.
+    let mut big = Header::new(MessageType::Description, 1).to_bytes();
+    big[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let (reason, _) = refusal_of(big.to_vec());
+    assert!(reason.contains("exceeds its limit"), "{reason}");
+}

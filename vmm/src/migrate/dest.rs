@@ -1,7 +1,8 @@
 //! Destination side: accept one migration, build the VM from its description, load memory
 //! and state as they arrive, resume after `Go`, then be the VM.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
+use std::path::Path;
 use std::time::Instant;
 
 use migration::MigrationError;
@@ -10,6 +11,7 @@ use migration::protocol::{Channel, DestTimings, DevicePhase, Message, ProtocolEr
 use migration::recv::MemoryReceiver;
 use migration::session::{abandon, dest_confirm, dest_handshake, dest_ready};
 use migration::stats::{MigrationStats, Status};
+use migration::transport::{MigStream, TlsDir, TlsError};
 
 use super::PEER_TIMEOUT;
 use super::fault;
@@ -41,10 +43,16 @@ pub enum DestError {
     BadVcpu(u32),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
-/// Waits for one source on `listen` and returns the accepted, configured connection.
-pub fn accept(listen: &str) -> Result<TcpStream, DestError> {
+/// Waits for one source on `listen` and returns the accepted, configured connection: mutual
+/// TLS with `tls_dir` (completed before any protocol byte is read), else plain TCP.
+pub fn accept(listen: &str, tls_dir: Option<&Path>) -> Result<MigStream, DestError> {
+    let tls = tls_dir
+        .map(|d| TlsDir::load(d).and_then(|t| t.server_config()))
+        .transpose()?;
     let listener = TcpListener::bind(listen).map_err(|e| DestError::Listen(listen.into(), e))?;
     log::info!("waiting for a migration on {listen}");
     let (stream, peer) = listener.accept()?;
@@ -53,13 +61,19 @@ pub fn accept(listen: &str) -> Result<TcpStream, DestError> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(PEER_TIMEOUT))?;
     stream.set_write_timeout(Some(PEER_TIMEOUT))?;
-    Ok(stream)
+    match tls {
+        Some(cfg) => Ok(MigStream::accept_tls(stream, cfg)?),
+        None => {
+            log::warn!("migration from {peer} is plaintext: no --tls-dir, so nobody is verified");
+            Ok(MigStream::Plain(stream))
+        }
+    }
 }
 
 /// Receives a VM over `stream`. Returns the running machine and the destination's statistics;
 /// any error before `Go` means the VM is discarded and the source keeps the guest.
 pub fn receive(
-    stream: TcpStream,
+    stream: MigStream,
     serial: &SerialOutput,
     passthrough: &[Passthrough],
 ) -> Result<(Machine, MigrationStats), DestError> {
@@ -120,7 +134,7 @@ fn build(
 
 /// Takes memory and state messages until `Complete`, then restores the state.
 fn load(
-    ch: &mut Channel<TcpStream>,
+    ch: &mut Channel<MigStream>,
     m: &Machine,
     devs: &mut DestDevices,
     stats: &mut MigrationStats,
@@ -193,7 +207,7 @@ fn load(
 /// Ready → wait for Go → run the vCPUs → confirm. After Go the guest is ours: a failure to
 /// confirm is only logged (the source stays paused rather than run it too).
 fn resume(
-    ch: &mut Channel<TcpStream>,
+    ch: &mut Channel<MigStream>,
     m: &mut Machine,
     devs: &mut DestDevices,
     mut timings: DestTimings,
@@ -215,7 +229,7 @@ fn resume(
 /// its initial data, which is then loaded (written): the source may switch over once it
 /// hears so.
 fn device_data(
-    ch: &mut Channel<TcpStream>,
+    ch: &mut Channel<MigStream>,
     devs: &mut DestDevices,
     device: String,
     phase: DevicePhase,

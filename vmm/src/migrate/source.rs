@@ -71,16 +71,7 @@ fn connect(to: &str, tls_dir: Option<&Path>) -> Result<MigStream, SourceError> {
     };
     let cfg = TlsDir::load(dir)?.client_config()?;
     let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
-    let s = MigStream::connect_tls(tcp, host, cfg).map_err(|e| match e {
-        // A plaintext destination answers a ClientHello by closing.
-        TlsError::Handshake { peer, err } if err.kind() == std::io::ErrorKind::UnexpectedEof => {
-            TlsError::Handshake {
-                peer: format!("{peer} (does it listen with --tls-dir?)"),
-                err,
-            }
-        }
-        e => e,
-    })?;
+    let s = MigStream::connect_tls(tcp, host, cfg)?;
     log::info!("mutual TLS with {to}");
     Ok(s)
 }
