@@ -4,9 +4,10 @@
 //!
 //! It finds the device on PCI bus 0 through configuration ports 0xCF8/0xCFC, moves BAR0 to
 //! another address (a VMM must follow BAR reprogramming), enables memory decoding, bus
-//! mastering and MSI-X vector 0, then fills buffers in RAM by DMA round after round. Each
-//! FILL is awaited as an interrupt (`hlt`, bounded by a timeout), checked word by word
-//! against sampledev's pattern, and checked again one round later just before it is
+//! mastering and MSI-X vector 0 (or, with `irq=intx`, the function's INTx: the IOAPIC pin
+//! that INTERRUPT_LINE names, level-triggered), then fills buffers in RAM by DMA round after
+//! round. Each FILL is awaited as an interrupt (`hlt`, bounded by a timeout), checked word by
+//! word against sampledev's pattern, and checked again one round later just before it is
 //! overwritten, so that data the device wrote before a migration is read after it. COUNTER,
 //! the interrupt count and sampled words of the device's internal state are compared with
 //! what the guest predicts. README.md documents the command line and the serial lines.
@@ -15,6 +16,7 @@
 
 mod heartbeat;
 mod idt;
+mod ioapic;
 mod lapic;
 mod pci;
 mod rt;
@@ -30,7 +32,8 @@ use sdregs::Regs;
 const WHO: &str = "dmatest";
 const VENDOR: u16 = 0xfeed;
 const DEVICE: u16 = 0x0001;
-const MSI_VECTOR: u8 = 0x40;
+/// DMA completion: the MSI-X vector 0 message, or the IOAPIC entry of the INTx pin.
+const IRQ_VECTOR: u8 = 0x40;
 const TIMER_VECTOR: u8 = 0x41;
 const SPURIOUS_VECTOR: u8 = 0xff;
 /// LAPIC timer period in bus ticks / 16: 1 ms on KVM (1 GHz APIC bus). It only wakes `hlt`
@@ -51,13 +54,25 @@ const STATE_SAMPLES: u64 = 4;
 /// trips to the device per word).
 const MAX_CHECKED_OPS: u64 = 256;
 
-/// MSIs taken on MSI_VECTOR, counted by the handler below.
+/// Completion interrupts taken on IRQ_VECTOR, counted by the handlers below.
 static IRQS: AtomicU64 = AtomicU64::new(0);
+/// INTx: the address of the device's STATUS register, for the handler.
+static INTX_STATUS_REG: AtomicU64 = AtomicU64::new(0);
+/// INTx: the STATUS values the handler found (and acknowledged), ORed, until taken.
+static INTX_SEEN: AtomicU64 = AtomicU64::new(0);
+/// INTx: interrupts that found neither DONE nor ERROR in STATUS (not counted in IRQS).
+static SPURIOUS: AtomicU64 = AtomicU64::new(0);
 
 // MSI handler: count, EOI to the xAPIC, return. In asm so that it touches no register but RAX
 // (saved) and needs no stack frame of Rust's. The EOI register is above 2 GiB, so its address
 // goes through a register rather than a sign-extended 32-bit displacement. The LAPIC timer's
 // handler is idt.rs's `idt_timer_tick`.
+//
+// INTx handler, as a driver of a level-triggered line does it: read STATUS (one 8-byte MMIO
+// read), and if DONE or ERROR is set (the device's interrupt causes) remember it, write those
+// bits back to clear them (which lowers the line) and count; otherwise count a spurious
+// interrupt. Then EOI, which the IOAPIC passes on (for a level-triggered pin) to whoever
+// resamples the line. RAX and RDX are saved; the flags come back with `iretq`.
 global_asm!(
     r#"
     .pushsection .text.dmatest_irq, "ax", @progbits
@@ -69,15 +84,51 @@ dmatest_msi:
     movl $0, (%rax)
     popq %rax
     iretq
+
+    .global dmatest_intx
+dmatest_intx:
+    pushq %rax
+    pushq %rdx
+    movq {status_reg}(%rip), %rdx
+    movq (%rdx), %rax
+    testq ${causes}, %rax
+    jz 2f
+    lock orq %rax, {seen}(%rip)
+    andq ${causes}, %rax
+    movq %rax, (%rdx)
+    lock incq {irqs}(%rip)
+    jmp 3f
+2:
+    lock incq {spurious}(%rip)
+3:
+    movabsq ${eoi}, %rdx
+    movl $0, (%rdx)
+    popq %rdx
+    popq %rax
+    iretq
     .popsection
 "#,
     irqs = sym IRQS,
+    status_reg = sym INTX_STATUS_REG,
+    seen = sym INTX_SEEN,
+    spurious = sym SPURIOUS,
+    causes = const sdregs::STATUS_DONE | sdregs::STATUS_ERROR,
     eoi = const lapic::EOI_ADDR,
     options(att_syntax)
 );
 
 unsafe extern "C" {
     fn dmatest_msi();
+    fn dmatest_intx();
+}
+
+/// How DMA completions reach the guest.
+#[derive(Clone, Copy)]
+enum Irq {
+    /// MSI-X vector 0; the PBA's address, for diagnostics.
+    Msix { pba: u64 },
+    /// INTx on this IOAPIC pin.
+    Intx { pin: u32 },
 }
 
 struct Params {
@@ -90,6 +141,8 @@ struct Params {
     bar: u64,
     state_every: u64,
     state_seed: u64,
+    /// `irq=intx`: the function's INTx through the IOAPIC instead of MSI-X.
+    intx: bool,
 }
 
 impl Params {
@@ -103,6 +156,22 @@ impl Params {
             bar: rt::arg_u64(cmd, WHO, "bar", 0, 0, u64::MAX),
             state_every: rt::arg_u64(cmd, WHO, "state_every", 1, 0, 1 << 40),
             state_seed: rt::arg_u64(cmd, WHO, "state_seed", 0x5eed, 0, u64::MAX),
+            intx: parse_irq(cmd),
+        }
+    }
+}
+
+fn parse_irq(cmd: &[u8]) -> bool {
+    match rt::arg(cmd, "irq") {
+        None | Some(b"msix") => false,
+        Some(b"intx") => true,
+        Some(other) => {
+            rt::line()
+                .s(WHO)
+                .s(": bad irq=")
+                .b(other)
+                .s(" (want msix or intx)");
+            rt::exit(rt::EXIT_SETUP)
         }
     }
 }
@@ -149,24 +218,27 @@ fn guest_main(boot: rt::Boot) -> ! {
             "not enough RAM above 16 MiB for the buffers",
         );
     }
-    setup_interrupts();
-    let (regs, pba) = setup_device(&p);
-    let mut t = Test::new(&boot, p, regs, pba, tsc_hz, hb, bufs_end);
+    setup_interrupts(p.intx);
+    let (regs, irq) = setup_device(&p);
+    let mut t = Test::new(&boot, p, regs, irq, tsc_hz, hb, bufs_end);
     t.info();
     main_loop(&mut t)
 }
 
-/// Interrupts reach this CPU only through its LAPIC (`idt::init_lapic`): MSI_VECTOR counts
-/// DMA completions and the LAPIC timer wakes `hlt` every millisecond or so.
-fn setup_interrupts() {
+/// Interrupts reach this CPU only through its LAPIC (`idt::init_lapic`): IRQ_VECTOR counts
+/// DMA completions (an MSI, or INTx through the IOAPIC) and the LAPIC timer wakes `hlt` every
+/// millisecond or so.
+fn setup_interrupts(intx: bool) {
     idt::init_lapic(TIMER_VECTOR, SPURIOUS_VECTOR);
-    idt::set(MSI_VECTOR, dmatest_msi);
+    let handler = if intx { dmatest_intx } else { dmatest_msi };
+    idt::set(IRQ_VECTOR, handler);
     lapic::timer_periodic(TIMER_VECTOR, TIMER_COUNT);
 }
 
 /// Finds the device, moves BAR0, turns on decoding, bus mastering and MSI-X vector 0 aimed
-/// at this CPU. Returns the registers at their new place and the PBA's address.
-fn setup_device(p: &Params) -> (Regs, u64) {
+/// at this CPU, or its INTx (`irq=intx`). Returns the registers at their new place and how
+/// interrupts come.
+fn setup_device(p: &Params) -> (Regs, Irq) {
     let f = pci::find(VENDOR, DEVICE)
         .unwrap_or_else(|| fail(rt::EXIT_SETUP, "no device 0xfeed:0x0001 on PCI bus 0"));
     let bar = f
@@ -183,10 +255,50 @@ fn setup_device(p: &Params) -> (Regs, u64) {
     }
     f.move_memory_bar(0, new, bar.is_64);
     let moved = f.memory_bar(0).map_or(0, |b| b.base);
-    let on = pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER | pci::COMMAND_INTX_DISABLE;
-    f.set_command(f.command() | on);
+    let on = pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER;
+    // INTx is disabled while MSI-X is used, as drivers do, and enabled when it is the way.
+    let command = match p.intx {
+        false => f.command() | on | pci::COMMAND_INTX_DISABLE,
+        true => (f.command() | on) & !pci::COMMAND_INTX_DISABLE,
+    };
+    f.set_command(command);
     check_bar_move(&f, bar.base, new, moved);
-    (Regs { base: new }, setup_msix(&f, new))
+    let irq = match p.intx {
+        false => Irq::Msix {
+            pba: setup_msix(&f, new),
+        },
+        true => Irq::Intx {
+            pin: setup_intx(&f, new),
+        },
+    };
+    (Regs { base: new }, irq)
+}
+
+/// Routes the function's INTx: INTERRUPT_LINE names the IOAPIC pin (as the VMM wired it),
+/// programmed level-triggered, active high, to IRQ_VECTOR on this CPU. STATUS is cleared
+/// first, so that the handler counts only this guest's completions. Returns the pin.
+fn setup_intx(f: &pci::Function, bar0: u64) -> u32 {
+    let (line, pin) = f.interrupt();
+    let pins = ioapic::pins();
+    if pin == 0 || u32::from(line) >= pins {
+        let mut l = rt::line();
+        l.s(WHO).s(": no INTx: interrupt pin=").u(pin as u64);
+        l.s(" line=").u(line as u64);
+        l.s(" ioapic pins=").u(pins as u64);
+        drop(l);
+        rt::exit(rt::EXIT_SETUP);
+    }
+    let regs = Regs { base: bar0 };
+    regs.write(sdregs::STATUS, sdregs::STATUS_DONE | sdregs::STATUS_ERROR);
+    INTX_STATUS_REG.store(bar0 + sdregs::STATUS, Ordering::SeqCst);
+    ioapic::route_level(u32::from(line), IRQ_VECTOR, lapic::id());
+    let mut l = rt::line();
+    l.s(WHO).s(": INTx pin=").u(pin as u64);
+    l.s(" line=").u(line as u64);
+    l.s(" ioapic pins=").u(pins as u64).s(" entry=");
+    l.x(ioapic::entry(u32::from(line)) as u64);
+    drop(l);
+    u32::from(line)
 }
 
 /// The device must answer at the BAR's new address only: a VMM that kept the old mapping,
@@ -208,7 +320,7 @@ fn check_bar_move(f: &pci::Function, old: u64, new: u64, moved: u64) {
     }
 }
 
-/// MSI-X vector 0 -> MSI_VECTOR on this CPU, the others left masked. Enabled with the
+/// MSI-X vector 0 -> IRQ_VECTOR on this CPU, the others left masked. Enabled with the
 /// function masked first, so that no vector can fire half-programmed. Returns the PBA.
 fn setup_msix(f: &pci::Function, bar0: u64) -> u64 {
     let msix = f
@@ -220,7 +332,7 @@ fn setup_msix(f: &pci::Function, bar0: u64) -> u64 {
     f.msix_control(&msix, true, true);
     let table = bar0 + msix.table_offset as u64;
     let address = pci::msi_address(lapic::id());
-    pci::msix_entry(table, 0, address, MSI_VECTOR as u32, false);
+    pci::msix_entry(table, 0, address, IRQ_VECTOR as u32, false);
     f.msix_control(&msix, true, false);
     bar0 + msix.pba_offset as u64
 }
@@ -229,7 +341,7 @@ fn setup_msix(f: &pci::Function, bar0: u64) -> u64 {
 struct Test {
     p: Params,
     regs: Regs,
-    pba: u64,
+    irq: Irq,
     tsc_hz: u64,
     clock: rt::Clock,
     hb: heartbeat::Heartbeat,
@@ -247,7 +359,7 @@ impl Test {
         boot: &rt::Boot,
         p: Params,
         regs: Regs,
-        pba: u64,
+        irq: Irq,
         tsc_hz: u64,
         hb: heartbeat::Heartbeat,
         bufs_end: u64,
@@ -258,7 +370,7 @@ impl Test {
             counter0: regs.read(sdregs::COUNTER),
             p,
             regs,
-            pba,
+            irq,
             tsc_hz,
             // Steps above 100 ms (a pause, a migration) count as 100 ms for both the
             // heartbeats and the irq timeout.
@@ -289,6 +401,7 @@ impl Test {
             .s(" counter=")
             .u(self.counter0);
         l.s(" tsc_khz=").u(self.tsc_hz / 1000);
+        l.s(" irq=").s(if self.p.intx { "intx" } else { "msix" });
     }
 
     fn tick(&mut self) -> u64 {
@@ -351,6 +464,9 @@ impl Test {
         l.s(" irqs=").u(IRQS.load(Ordering::SeqCst));
         l.s(" counter=").u(self.regs.read(sdregs::COUNTER));
         l.s(" sum=").x(self.total);
+        if self.p.intx {
+            l.s(" spurious=").u(SPURIOUS.load(Ordering::SeqCst));
+        }
     }
 
     /// After the last round: every buffer once more, then exit 0.
@@ -388,24 +504,34 @@ impl Test {
             l.s(" status=").x(r.read(sdregs::STATUS));
             l.s(" counter=").u(r.read(sdregs::COUNTER));
             l.s(" irqs=").u(IRQS.load(Ordering::SeqCst));
-            l.s(" pba=").x(pba(self.pba) as u64);
+            match self.irq {
+                Irq::Msix { pba: at } => l.s(" pba=").x(pba(at) as u64),
+                Irq::Intx { pin } => l.s(" ioapic=").x(ioapic::entry(pin) as u64),
+            };
             drop(l);
             rt::exit(rt::EXIT_NO_IRQ);
         }
-        let status = r.read(sdregs::STATUS);
+        // With INTx the handler has read STATUS and cleared DONE already: its view counts.
+        let status = match self.irq {
+            Irq::Msix { .. } => r.read(sdregs::STATUS),
+            Irq::Intx { .. } => INTX_SEEN.swap(0, Ordering::SeqCst),
+        };
         if status & (sdregs::STATUS_ERROR | sdregs::STATUS_BUSY) != 0
             || status & sdregs::STATUS_DONE == 0
         {
             device_error(status);
         }
-        r.write(sdregs::STATUS, sdregs::STATUS_DONE);
+        if let Irq::Msix { .. } = self.irq {
+            r.write(sdregs::STATUS, sdregs::STATUS_DONE);
+        }
         let counter = r.read(sdregs::COUNTER);
         expect("counter", self.counter0 + self.ops, counter);
         expect("irqs", self.ops, IRQS.load(Ordering::SeqCst));
         self.model.apply(counter);
     }
 
-    /// Sleeps until `want` MSIs have come in total; false after `irq_ms` without.
+    /// Sleeps until `want` completion interrupts have come in total; false after `irq_ms`
+    /// without.
     fn wait_irq(&mut self, want: u64) -> bool {
         ensure_timer();
         let deadline = self.tsc_hz / 1000 * self.p.irq_ms;

@@ -16,6 +16,8 @@ pub const STATUS: u8 = 0x06;
 pub const HEADER_TYPE: u8 = 0x0e;
 pub const BAR0: u8 = 0x10;
 pub const CAPABILITIES: u8 = 0x34;
+/// INTERRUPT_LINE (bits 0..8) and INTERRUPT_PIN (bits 8..16) of the dword at 0x3C.
+pub const INTERRUPT: u8 = 0x3c;
 
 pub const COMMAND_IO: u16 = 1 << 0;
 pub const COMMAND_MEMORY: u16 = 1 << 1;
@@ -86,6 +88,13 @@ impl Function {
     pub fn ids(&self) -> (u16, u16) {
         let v = self.read32(VENDOR_ID);
         (v as u16, (v >> 16) as u16)
+    }
+
+    /// (INTERRUPT_LINE, INTERRUPT_PIN): what the firmware (here the VMM) wired the pin to,
+    /// and the pin (0 none, 1..=4 INTA#..INTD#).
+    pub fn interrupt(&self) -> (u8, u8) {
+        let v = self.read32(INTERRUPT);
+        (v as u8, (v >> 8) as u8)
     }
 
     pub fn command(&self) -> u16 {

@@ -46,7 +46,7 @@ static GUESTS: &[Guest] = &[
     ),
     guest!(
         "dmatest",
-        "drives sampledev over PCI: moves BAR0, DMA fills with MSI-X completion, verifies data and device state (rounds= buf_kb= bufs= hb_ms= irq_ms= bar= state_every= state_seed=)"
+        "drives sampledev over PCI: moves BAR0, DMA fills with MSI-X (or irq=intx: level INTx via the IOAPIC) completion, verifies data and device state (rounds= buf_kb= bufs= hb_ms= irq_ms= bar= state_every= state_seed= irq=)"
     ),
     guest!(
         "gpio",

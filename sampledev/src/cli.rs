@@ -7,13 +7,13 @@ use clap::{Parser, ValueEnum};
 use vfio_user::vfio::{VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY};
 use vfio_user::{MigState, is_direct_arc};
 
-use crate::options::{DeviceOptions, FailArc, MigMode};
+use crate::options::{DeviceOptions, FailArc, IrqMode, MigMode};
 
 /// Largest --state-size accepted.
 const MAX_STATE_SIZE: u64 = 16 << 30;
 
-/// Sample vfio-user PCI device: BAR0 registers, a DMA engine with MSI-X completion, and
-/// internal state of configurable size, migratable with VFIO migration v2 or v1.
+/// Sample vfio-user PCI device: BAR0 registers, a DMA engine with MSI-X (or INTx) completion,
+/// and internal state of configurable size, migratable with VFIO migration v2 or v1.
 #[derive(Debug, Parser)]
 #[command(name = "sampledev", version)]
 pub struct Cli {
@@ -24,6 +24,10 @@ pub struct Cli {
     /// a multiple of 8.
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     pub state_size: u64,
+    /// Interrupt the function offers: msix (4 vectors) or intx (pin INTA#, level-triggered,
+    /// no MSI-X capability).
+    #[arg(long, value_enum, default_value_t = IrqArg::Msix)]
+    pub irq: IrqArg,
     /// Migration interface: v2 (DEVICE_FEATURE + MIG_DATA_READ/WRITE), v1 (migration region),
     /// or none.
     #[arg(long, value_enum, default_value_t = MigArg::V2)]
@@ -52,6 +56,12 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IrqArg {
+    Msix,
+    Intx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MigArg {
     V2,
     V1,
@@ -66,6 +76,10 @@ impl Cli {
     /// The device these arguments describe; refuses combinations that cannot work.
     pub fn device_options(&self) -> Result<DeviceOptions, String> {
         let mut o = DeviceOptions::new(self.state_size);
+        o.irq = match self.irq {
+            IrqArg::Msix => IrqMode::Msix,
+            IrqArg::Intx => IrqMode::Intx,
+        };
         o.mode = match self.migration {
             MigArg::V2 => MigMode::V2,
             MigArg::V1 => MigMode::V1,
@@ -173,5 +187,8 @@ mod tests {
         assert!(cli(&["--fail-arc", "RUNNING:STOP"]).is_err());
         let o = cli(&["--migration", "v1", "--fail-arc", "PRE_COPY:STOP_COPY"]).unwrap();
         assert_eq!(o.mode, MigMode::V1);
+        assert_eq!(o.irq, IrqMode::Msix);
+        assert_eq!(cli(&["--irq", "intx"]).unwrap().irq, IrqMode::Intx);
+        assert!(Cli::try_parse_from(["sampledev", "--socket", "s", "--irq", "msi"]).is_err());
     }
 }

@@ -1,10 +1,13 @@
 //! The device's state, apart from any transport: config space, BAR0 registers, MSI-X and the
-//! internal state. Migration saves and restores exactly this.
+//! internal state. Migration saves and restores exactly this (the INTx line is a function of
+//! STATUS, and its eventfds and mask are the client's).
 
 use crate::bar0::Registers;
-use crate::config::ConfigSpace;
+use crate::config::{ConfigSpace, STATUS as PCI_STATUS, STATUS_INTERRUPT};
 use crate::engine::DmaJob;
+use crate::intx::Intx;
 use crate::msix::{Msix, MsixControl};
+use crate::options::IrqMode;
 use crate::regs::{
     DEFAULT_STATE_SEED, ErrorCode, STATUS_BUSY, STATUS_DONE, STATUS_ERROR, STATUS_ERROR_MASK,
     STATUS_ERROR_SHIFT,
@@ -34,6 +37,8 @@ pub struct Core {
     pub config: ConfigSpace,
     pub regs: Registers,
     pub msix: Msix,
+    /// Used only by an INTx function (`config.irq()`).
+    pub intx: Intx,
     pub state: InternalState,
     /// Bumped by reset and restore so that a DMA started before cannot complete after.
     pub generation: u64,
@@ -46,11 +51,17 @@ pub struct Core {
 }
 
 impl Core {
+    /// An MSI-X function.
     pub fn new(state_size: u64) -> Core {
+        Self::with_irq(state_size, IrqMode::Msix)
+    }
+
+    pub fn with_irq(state_size: u64, irq: IrqMode) -> Core {
         Core {
-            config: ConfigSpace::new(),
+            config: ConfigSpace::with_irq(irq),
             regs: Registers::default(),
             msix: Msix::new(),
+            intx: Intx::default(),
             state: InternalState::new(state_size, DEFAULT_STATE_SEED),
             generation: 0,
             run: RunMode::Running,
@@ -64,7 +75,7 @@ impl Core {
     /// the migration counters are diagnostics of the process and stay too.
     pub fn reset(&mut self) {
         self.generation += 1;
-        self.config = ConfigSpace::new();
+        self.config = ConfigSpace::with_irq(self.config.irq());
         self.regs = Registers::default();
         self.msix.reset();
         self.state = InternalState::new(self.state.size(), DEFAULT_STATE_SEED);
@@ -80,11 +91,55 @@ impl Core {
         }
     }
 
-    /// Back to RUNNING: pending vectors fire, and a DMA that waited is returned to be run.
+    pub fn irq(&self) -> IrqMode {
+        self.config.irq()
+    }
+
+    /// INTx pending: the function has INTx and STATUS shows DONE or ERROR, until the guest
+    /// clears them (write 1 to clear). PCI's Interrupt Status bit, which INTx Disable does
+    /// not affect.
+    pub fn intx_pending(&self) -> bool {
+        self.irq() == IrqMode::Intx && self.regs.status & (STATUS_DONE | STATUS_ERROR) != 0
+    }
+
+    /// The INTx line as the client sees it: pending, not disabled in COMMAND, and the
+    /// device allowed to interrupt (not quiesced or stopped by migration).
+    pub fn intx_level(&self) -> bool {
+        self.intx_pending() && !self.config.intx_disabled() && self.run == RunMode::Running
+    }
+
+    /// Signals the INTx trigger if the line is high and not masked; called after anything
+    /// that can raise the line.
+    pub fn sync_intx(&mut self) {
+        let level = self.intx_level();
+        self.intx.update(level);
+    }
+
+    /// The client unmasked INTx (its unmask eventfd, or SET_IRQS UNMASK).
+    pub fn unmask_intx(&mut self) {
+        let level = self.intx_level();
+        self.intx.unmask(level);
+    }
+
+    /// Reads config space, with the Interrupt Status bit computed.
+    pub fn config_read(&self, off: usize, buf: &mut [u8]) {
+        self.config.read(off, buf);
+        let bit = STATUS_INTERRUPT.to_le_bytes();
+        let at = PCI_STATUS..PCI_STATUS + 2;
+        for (i, b) in buf.iter_mut().enumerate() {
+            if at.contains(&(off + i)) && self.intx_pending() {
+                *b |= bit[off + i - PCI_STATUS];
+            }
+        }
+    }
+
+    /// Back to RUNNING: pending vectors fire (or the INTx line is raised again), and a DMA
+    /// that waited is returned to be run.
     pub fn resume(&mut self) -> Option<DmaJob> {
         self.run = RunMode::Running;
         let ctl = self.msix_control();
         self.msix.deliver_pending(ctl);
+        self.sync_intx();
         let job = self.queued.take()?;
         self.dma_jobs += 1;
         Some(job)
@@ -150,14 +205,20 @@ impl Core {
             }
             Err(code) => self.set_error(code),
         }
-        let ctl = self.msix_control();
-        self.msix.signal(job.vector, ctl);
+        if self.irq() == IrqMode::Intx {
+            self.sync_intx();
+        } else {
+            let ctl = self.msix_control();
+            self.msix.signal(job.vector, ctl);
+        }
     }
 
     pub fn config_write(&mut self, off: usize, data: &[u8]) {
         self.config.write(off, data);
-        // Enabling MSI-X or clearing the function mask releases pending vectors.
+        // Enabling MSI-X or clearing the function mask releases pending vectors; clearing
+        // INTx Disable, a pending INTx.
         let ctl = self.msix_control();
         self.msix.deliver_pending(ctl);
+        self.sync_intx();
     }
 }

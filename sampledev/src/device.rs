@@ -16,10 +16,11 @@ use crate::error::Refusal;
 use crate::irqs;
 use crate::mig::Migration;
 use crate::mig::v1::{V1_REGION_INDEX, V1_REGION_SIZE};
-use crate::options::{DeviceOptions, MigMode};
+use crate::options::{DeviceOptions, IrqMode, MigMode};
 use crate::regs::{
     BAR0_SIZE, MIG_CAPS_DIRTY_LOG, MIG_CAPS_FLAGS_SHIFT, MIG_CAPS_MODE_V1, MIG_CAPS_MODE_V2,
 };
+use crate::resample::Resampler;
 
 /// State shared with the DMA engine. Lock order: `dma`, then `mig`, then `core`.
 pub struct Shared {
@@ -39,12 +40,14 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Device {
     pub(crate) shared: Arc<Shared>,
     pub(crate) engine: Engine,
+    /// INTx mode only: waits on the unmask eventfd.
+    resampler: Option<Resampler>,
     pub(crate) opts: DeviceOptions,
 }
 
 impl Device {
     pub fn new(opts: &DeviceOptions) -> io::Result<Device> {
-        let mut core = Core::new(opts.state_size);
+        let mut core = Core::with_irq(opts.state_size, opts.irq);
         let mig = Migration::new(opts);
         core.mig.caps = mig_caps(opts);
         mig.publish(&mut core);
@@ -55,9 +58,14 @@ impl Device {
             idle: Condvar::new(),
         });
         let engine = Engine::start(shared.clone())?;
+        let resampler = match opts.irq {
+            IrqMode::Intx => Some(Resampler::start(shared.clone())?),
+            IrqMode::Msix => None,
+        };
         Ok(Device {
             shared,
             engine,
+            resampler,
             opts: opts.clone(),
         })
     }
@@ -96,7 +104,7 @@ impl Device {
     }
 
     pub fn irq_info(&self, index: u32) -> Result<IrqInfo, Refusal> {
-        irqs::irq_info(index)
+        irqs::irq_info(index, self.opts.irq)
     }
 
     pub fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Refusal> {
@@ -113,8 +121,10 @@ impl Device {
         let mut core = lock(&self.shared.core);
         match index {
             VFIO_PCI_BAR0_REGION_INDEX => core.bar0_read(offset, buf),
-            _ => core.config.read(offset as usize, buf),
+            _ => core.config_read(offset as usize, buf),
         }
+        // A bad access sets ERROR, which is an interrupt cause too.
+        core.sync_intx();
         Ok(())
     }
 
@@ -131,13 +141,15 @@ impl Device {
         }
         let job = {
             let mut core = lock(&self.shared.core);
-            match index {
+            let job = match index {
                 VFIO_PCI_BAR0_REGION_INDEX => core.bar0_write(offset, data),
                 _ => {
                     core.config_write(offset as usize, data);
                     None
                 }
-            }
+            };
+            core.sync_intx();
+            job
         };
         if let Some(job) = job {
             self.engine.submit(job);
@@ -155,7 +167,17 @@ impl Device {
     }
 
     pub fn set_irqs(&self, set: &IrqSet, fds: Vec<OwnedFd>) -> Result<(), Refusal> {
-        irqs::set_irqs(&mut lock(&self.shared.core), set, fds)
+        let r = irqs::set_irqs(&mut lock(&self.shared.core), set, fds);
+        if set.index == VFIO_PCI_INTX_IRQ_INDEX {
+            self.rearm_resampler();
+        }
+        r
+    }
+
+    fn rearm_resampler(&self) {
+        if let Some(r) = &self.resampler {
+            r.rearm();
+        }
     }
 
     /// Function-level reset; waits for in-flight DMA so none lands after it. Leaves ERROR
@@ -173,7 +195,11 @@ impl Device {
     /// device state.
     pub fn client_gone(&self) {
         *lock(&self.shared.dma) = DmaSpace::default();
-        lock(&self.shared.core).msix.clear_triggers();
+        let mut core = lock(&self.shared.core);
+        core.msix.clear_triggers();
+        core.intx.disable();
+        drop(core);
+        self.rearm_resampler();
     }
 
     /// The device state, for inspection.

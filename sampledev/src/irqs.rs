@@ -1,4 +1,5 @@
-//! Interrupt types the function offers (MSI-X only) and VFIO_USER_DEVICE_SET_IRQS.
+//! Interrupt types the function offers (MSI-X, or INTx with `--irq intx`) and
+//! VFIO_USER_DEVICE_SET_IRQS.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -8,15 +9,21 @@ use vfio_user::{IrqInfo, IrqSet};
 
 use crate::core::Core;
 use crate::error::Refusal;
+use crate::options::IrqMode;
 use crate::regs::MSIX_VECTORS;
 
-pub fn irq_info(index: u32) -> Result<IrqInfo, Refusal> {
-    let (flags, count) = match index {
-        VFIO_PCI_MSIX_IRQ_INDEX => (
+pub fn irq_info(index: u32, irq: IrqMode) -> Result<IrqInfo, Refusal> {
+    let (flags, count) = match (index, irq) {
+        (VFIO_PCI_MSIX_IRQ_INDEX, IrqMode::Msix) => (
             VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
             u32::from(MSIX_VECTORS),
         ),
-        i if i < VFIO_PCI_NUM_IRQS => (0, 0),
+        // What the kernel's vfio-pci reports for a function with an interrupt pin.
+        (VFIO_PCI_INTX_IRQ_INDEX, IrqMode::Intx) => (
+            VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
+            1,
+        ),
+        (i, _) if i < VFIO_PCI_NUM_IRQS => (0, 0),
         _ => return Err(Refusal::inval(format!("no IRQ index {index}"))),
     };
     Ok(IrqInfo {
@@ -28,7 +35,7 @@ pub fn irq_info(index: u32) -> Result<IrqInfo, Refusal> {
 }
 
 pub fn set_irqs(core: &mut Core, set: &IrqSet, fds: Vec<OwnedFd>) -> Result<(), Refusal> {
-    let info = irq_info(set.index)?;
+    let info = irq_info(set.index, core.irq())?;
     let data = set.flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
     let action = set.flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
     let known = VFIO_IRQ_SET_DATA_TYPE_MASK | VFIO_IRQ_SET_ACTION_TYPE_MASK;
@@ -48,19 +55,24 @@ pub fn set_irqs(core: &mut Core, set: &IrqSet, fds: Vec<OwnedFd>) -> Result<(), 
             "SET_IRQS data does not match its flags and count",
         ));
     }
-    if action != VFIO_IRQ_SET_ACTION_TRIGGER {
-        return Err(Refusal::inval(
-            "interrupts are not maskable through SET_IRQS",
-        ));
+    let maskable = info.flags & VFIO_IRQ_INFO_MASKABLE != 0;
+    if action != VFIO_IRQ_SET_ACTION_TRIGGER && !maskable {
+        return Err(Refusal::inval(format!(
+            "interrupts of index {} are not maskable through SET_IRQS",
+            set.index
+        )));
     }
     if set.count == 0 {
-        if data != VFIO_IRQ_SET_DATA_NONE || set.start != 0 {
+        if data != VFIO_IRQ_SET_DATA_NONE || set.start != 0 || action != VFIO_IRQ_SET_ACTION_TRIGGER
+        {
             return Err(Refusal::inval(
-                "count 0 is only valid as DATA_NONE disable-all",
+                "count 0 is only valid as DATA_NONE|ACTION_TRIGGER disable-all",
             ));
         }
-        if set.index == VFIO_PCI_MSIX_IRQ_INDEX {
-            core.msix.clear_triggers();
+        match set.index {
+            VFIO_PCI_MSIX_IRQ_INDEX => core.msix.clear_triggers(),
+            VFIO_PCI_INTX_IRQ_INDEX => core.intx.disable(),
+            _ => {}
         }
         return Ok(());
     }
@@ -75,16 +87,69 @@ pub fn set_irqs(core: &mut Core, set: &IrqSet, fds: Vec<OwnedFd>) -> Result<(), 
         )));
     }
     let vectors = set.start as usize..(set.start + set.count) as usize;
-    match data {
-        VFIO_IRQ_SET_DATA_NONE => vectors.for_each(|v| core.msix.fire(v)),
-        VFIO_IRQ_SET_DATA_BOOL => {
-            for (v, &b) in vectors.zip(&set.data) {
-                if b != 0 {
-                    core.msix.fire(v);
-                }
+    // Which interrupts of the range the request acts on now (DATA_NONE: all of them).
+    let chosen: Vec<usize> = match data {
+        VFIO_IRQ_SET_DATA_BOOL => vectors
+            .clone()
+            .zip(&set.data)
+            .filter(|&(_, &b)| b != 0)
+            .map(|(v, _)| v)
+            .collect(),
+        _ => vectors.clone().collect(),
+    };
+    let eventfd = data == VFIO_IRQ_SET_DATA_EVENTFD;
+    match (set.index, action) {
+        (VFIO_PCI_INTX_IRQ_INDEX, _) if eventfd => intx_eventfd(core, action, fds),
+        (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER) => {
+            // Software trigger: signals (and automasks) whatever the line says.
+            if !chosen.is_empty() {
+                core.intx.fire();
             }
+            Ok(())
         }
-        _ => attach_eventfds(core, vectors, fds)?,
+        (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK) => {
+            if !chosen.is_empty() {
+                core.intx.mask();
+            }
+            Ok(())
+        }
+        (VFIO_PCI_INTX_IRQ_INDEX, _) => {
+            if !chosen.is_empty() {
+                core.unmask_intx();
+            }
+            Ok(())
+        }
+        _ if eventfd => attach_eventfds(core, vectors, fds),
+        _ => {
+            chosen.into_iter().for_each(|v| core.msix.fire(v));
+            Ok(())
+        }
+    }
+}
+
+/// INTx with DATA_EVENTFD: TRIGGER attaches the trigger, UNMASK the unmask eventfd (the
+/// resample eventfd of a KVM irqfd); no fd detaches. vfio-pci has no mask eventfd.
+fn intx_eventfd(core: &mut Core, action: u32, fds: Vec<OwnedFd>) -> Result<(), Refusal> {
+    if fds.len() > 1 {
+        return Err(Refusal::inval(format!(
+            "{} eventfds for 1 interrupt",
+            fds.len()
+        )));
+    }
+    if let Some(bad) = fds.iter().find(|fd| !is_eventfd(fd)) {
+        return Err(Refusal::inval(format!(
+            "fd {} is not an eventfd",
+            bad.as_raw_fd()
+        )));
+    }
+    let fd = fds.into_iter().next().map(File::from);
+    match action {
+        VFIO_IRQ_SET_ACTION_TRIGGER => {
+            let level = core.intx_level();
+            core.intx.set_trigger(fd, level);
+        }
+        VFIO_IRQ_SET_ACTION_UNMASK => core.intx.set_unmask(fd),
+        _ => return Err(Refusal::inval("INTx has no mask eventfd")),
     }
     Ok(())
 }

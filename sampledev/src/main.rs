@@ -26,9 +26,11 @@ fn run(cli: &Cli) -> Result<(), ServeError> {
         source,
     })?;
     log::info!(
-        "listening on {} (state size {} bytes, migration {:?}, flags {:#x}, dirty log {})",
+        "listening on {} (state size {} bytes, interrupt {:?}, migration {:?}, flags {:#x}, \
+         dirty log {})",
         cli.socket.display(),
         cli.state_size,
+        opts.irq,
         opts.mode,
         opts.v2_flags,
         opts.dma_logging()

@@ -17,6 +17,15 @@ pub enum MigMode {
     V2,
 }
 
+/// Which interrupt the function offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqMode {
+    /// MSI-X with 4 vectors; no interrupt pin.
+    Msix,
+    /// Legacy INTx on pin INTA#, level-triggered; no MSI-X capability.
+    Intx,
+}
+
 /// One arc that fails on purpose: `count` times, or every time when `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FailArc {
@@ -28,6 +37,7 @@ pub struct FailArc {
 #[derive(Debug, Clone)]
 pub struct DeviceOptions {
     pub state_size: u64,
+    pub irq: IrqMode,
     pub mode: MigMode,
     /// `VFIO_MIGRATION_*` flags advertised in v2 mode; the FSM walks with these.
     pub v2_flags: u64,
@@ -40,10 +50,11 @@ pub struct DeviceOptions {
 }
 
 impl DeviceOptions {
-    /// A v2 device with every feature and no faults.
+    /// An MSI-X, v2 device with every feature and no faults.
     pub fn new(state_size: u64) -> DeviceOptions {
         DeviceOptions {
             state_size,
+            irq: IrqMode::Msix,
             mode: MigMode::V2,
             v2_flags: VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY,
             dirty_log: true,

@@ -107,8 +107,9 @@ fn running_source() -> (Vm, (usize, usize)) {
     (src, before)
 }
 
-fn one_line(s: &str) -> &str {
-    let t = s.trim();
+/// The one error line of a stderr (log lines aside).
+fn one_line(s: &str) -> String {
+    let t = error_text(s).trim().to_owned();
     assert!(!t.is_empty(), "no error line");
     assert_eq!(t.lines().count(), 1, "one readable line expected: {t}");
     t
@@ -124,7 +125,7 @@ fn destination_fault(fault: &str, expect: &str) {
     assert_eq!(stats["status"], "failed", "{stats}");
     let code = dst.wait_exit(LIMIT).code();
     assert_ne!(code, Some(0));
-    let line = one_line(&dst.stderr()).to_owned();
+    let line = one_line(&dst.stderr());
     assert!(line.contains(expect), "destination said: {line}");
     assert_source_unharmed(&mut src, before);
 }
@@ -197,7 +198,7 @@ fn corrupt_frame_from_the_source() {
     let stats = wait_migration_end(&src);
     assert_eq!(stats["status"], "failed", "{stats}");
     assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
-    let line = one_line(&dst.stderr()).to_owned();
+    let line = one_line(&dst.stderr());
     assert!(line.contains("magic") || line.contains("frame"), "{line}");
     assert_source_unharmed(&mut src, before);
 }

@@ -8,6 +8,7 @@ use crate::mig::stream::{
     Chain, END_WORDS, HEADER_WORDS, MAGIC, MAX_PAYLOAD, RECORD_HEADER, RecordHeader, Tag, VERSION,
     record_sum, words,
 };
+use crate::options::IrqMode;
 use crate::state::{InternalState, STATE_PAGE_SIZE};
 
 /// Staged state: every word, and which pages the stream has covered.
@@ -19,6 +20,8 @@ struct Staged {
 pub struct Loader {
     /// The probe state tells the expected size and page layout; its content is unused.
     layout: InternalState,
+    /// The interrupt of the device being restored; its config space must match.
+    irq: IrqMode,
     /// Bytes of an incomplete record.
     buf: Vec<u8>,
     staged: Option<Staged>,
@@ -29,9 +32,10 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn new(state_size: u64) -> Loader {
+    pub fn new(state_size: u64, irq: IrqMode) -> Loader {
         Loader {
             layout: InternalState::new(state_size, 0),
+            irq,
             buf: Vec::new(),
             staged: None,
             snapshot: None,
@@ -145,7 +149,7 @@ impl Loader {
         if self.snapshot.is_some() {
             return Err("second device record".into());
         }
-        self.snapshot = Some(Snapshot::from_words(w, self.layout.size())?);
+        self.snapshot = Some(Snapshot::from_words(w, self.layout.size(), self.irq)?);
         Ok(())
     }
 
@@ -208,22 +212,22 @@ mod tests {
         core.regs.counter = 9;
         let s = stream(&mut core, false);
         for chunk in [1, 7, 24, 4096, s.len()] {
-            let mut l = Loader::new(core.state.size());
+            let mut l = Loader::new(core.state.size(), core.irq());
             s.chunks(chunk).for_each(|c| l.write(c).unwrap());
             let (snap, state) = l.finish().unwrap();
             assert_eq!((snap.regs.counter, state.word(5)), (9, 55));
             assert_eq!(state.digest(), core.state.digest());
         }
-        let mut l = Loader::new(core.state.size());
+        let mut l = Loader::new(core.state.size(), core.irq());
         l.write(&s[..s.len() - 1]).unwrap();
         assert!(l.finish().unwrap_err().contains("truncated"));
         let bad = stream(&mut core, true);
-        let mut l = Loader::new(core.state.size());
+        let mut l = Loader::new(core.state.size(), core.irq());
         assert!(l.write(&bad).unwrap_err().contains("checksum"));
         assert!(l.write(&[]).is_err());
-        let mut other = Loader::new(4096);
+        let mut other = Loader::new(4096, IrqMode::Msix);
         assert!(other.write(&s).unwrap_err().contains("bytes of state"));
-        let mut l = Loader::new(core.state.size());
+        let mut l = Loader::new(core.state.size(), core.irq());
         let mut extra = s.clone();
         extra.extend_from_slice(&[0; 24]);
         assert!(l.write(&extra).is_err());

@@ -184,7 +184,7 @@ impl Migration {
                 self.end_session(core)
             }
             (Stop, Resuming) => {
-                self.session = Session::Load(Box::new(Loader::new(core.state.size())))
+                self.session = Session::Load(Box::new(Loader::new(core.state.size(), core.irq())))
             }
             (Resuming, Stop) => self.load(core)?,
             _ => return Err(Refusal::inval(format!("no action for arc {from} -> {to}"))),

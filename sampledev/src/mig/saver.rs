@@ -217,7 +217,7 @@ mod tests {
         core.state.set_word(1, 11).unwrap();
         let mut stream = first;
         stream.extend(drain(&mut s, &mut core));
-        let mut l = crate::mig::loader::Loader::new(2 * 4096);
+        let mut l = crate::mig::loader::Loader::new(2 * 4096, crate::options::IrqMode::Msix);
         l.write(&stream).unwrap();
         assert_eq!(l.finish().unwrap().1.word(1), 11);
     }

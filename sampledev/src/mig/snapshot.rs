@@ -7,6 +7,7 @@ use crate::config::{CONFIG_SIZE, ConfigSpace};
 use crate::core::Core;
 use crate::engine::DmaJob;
 use crate::msix::{MsixTable, TABLE_WORDS};
+use crate::options::IrqMode;
 use crate::regs::MSIX_VECTORS;
 use crate::state::InternalState;
 
@@ -121,8 +122,9 @@ impl Snapshot {
         v
     }
 
-    /// Decodes and validates against a device whose state has `state_size` bytes.
-    pub fn from_words(w: &[u64], state_size: u64) -> Result<Snapshot, String> {
+    /// Decodes and validates against a device whose state has `state_size` bytes and whose
+    /// interrupt is `irq`.
+    pub fn from_words(w: &[u64], state_size: u64, irq: IrqMode) -> Result<Snapshot, String> {
         if w.len() != SNAPSHOT_WORDS {
             return Err(format!("device record of {} words", w.len()));
         }
@@ -140,7 +142,7 @@ impl Snapshot {
         for (chunk, word) in bytes.chunks_exact_mut(8).zip(cfg_w) {
             chunk.copy_from_slice(&word.to_le_bytes());
         }
-        let mut config = ConfigSpace::new();
+        let mut config = ConfigSpace::with_irq(irq);
         config.restore(&bytes)?;
         let (msix_w, rest) = rest.split_at(MSIX_WORDS);
         let mut msix_table = [0u32; TABLE_WORDS];
@@ -186,7 +188,7 @@ mod tests {
         let s = Snapshot::capture(&core);
         let w = s.to_words();
         assert_eq!(w.len(), SNAPSHOT_WORDS);
-        let d = Snapshot::from_words(&w, 4096).unwrap();
+        let d = Snapshot::from_words(&w, 4096, IrqMode::Msix).unwrap();
         assert_eq!(d.to_words(), w);
         let mut other = Core::new(4096);
         d.apply(&mut other, InternalState::new(4096, 99));
@@ -194,10 +196,12 @@ mod tests {
         assert!(other.queued.as_ref().is_some_and(|j| j.generation == 1));
         let mut bad = w.clone();
         bad[6] = 4;
-        assert!(Snapshot::from_words(&bad, 4096).is_err());
-        assert!(Snapshot::from_words(&w, 8).is_err());
+        assert!(Snapshot::from_words(&bad, 4096, IrqMode::Msix).is_err());
+        assert!(Snapshot::from_words(&w, 8, IrqMode::Msix).is_err());
+        // An INTx device takes no MSI-X device's record.
+        assert!(Snapshot::from_words(&w, 4096, IrqMode::Intx).is_err());
         let mut alien = w;
         alien[REG_WORDS + 1] ^= 1;
-        assert!(Snapshot::from_words(&alien, 4096).is_err());
+        assert!(Snapshot::from_words(&alien, 4096, IrqMode::Msix).is_err());
     }
 }

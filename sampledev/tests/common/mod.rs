@@ -14,6 +14,7 @@ use vfio_user::vfio::VFIO_PCI_BAR0_REGION_INDEX;
 use vfio_user::{Client, ClientOptions};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+pub mod intx;
 pub mod migrate;
 pub mod rig;
 

@@ -358,6 +358,16 @@ pub fn no_bad(lines: &[String]) {
     assert!(bad.is_empty(), "guest found a problem: {bad:?}");
 }
 
+/// What a process printed on stderr less its log lines (`[time LEVEL target] ...`, such as
+/// the plaintext-channel warning): the error lines it ends with.
+pub fn error_text(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with('['))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Runs minivmm expecting failure; returns its one-line error (asserting it is one line).
 pub fn error_line(args: &[&str]) -> String {
     let out = run_to_end(args, Duration::from_secs(60));
