@@ -15,7 +15,7 @@ use rcgen::{
 pub enum CertsError {
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
-    #[error("writing {path}: {err}")]
+    #[error("{path}: {err}")]
     Write {
         path: PathBuf,
         #[source]
@@ -30,6 +30,13 @@ pub struct CertsSpec<'a> {
     pub hosts: &'a [String],
     /// Certificates that expired long ago, to test refusals.
     pub expired: bool,
+    /// Sign with the CA an earlier `write_test_certs` left in this directory (`ca.pem`,
+    /// `ca-key.pem`) instead of a new one, e.g. to add a host's certificates to it.
+    pub ca: Option<&'a Path>,
+}
+
+fn read(path: PathBuf) -> Result<String, CertsError> {
+    fs::read_to_string(&path).map_err(|err| CertsError::Write { path, err })
 }
 
 fn write(path: PathBuf, text: &str) -> Result<(), CertsError> {
@@ -42,19 +49,35 @@ fn write(path: PathBuf, text: &str) -> Result<(), CertsError> {
     fs::write(&path, text).map_err(|err| CertsError::Write { path, err })
 }
 
-/// Writes `DIR/ca.pem` and `DIR/ca-key.pem`, then `DIR/source/` and `DIR/destination/`, each
-/// holding `ca.pem`, `cert.pem` and `key.pem` (EC P-256, PKCS#8).
-pub fn write_test_certs(dir: &Path, spec: &CertsSpec<'_>) -> Result<(), CertsError> {
-    let ca_key = KeyPair::generate()?;
+fn ca_params() -> Result<CertificateParams, CertsError> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     ca.distinguished_name
         .push(DnType::CommonName, "minivmm test CA");
-    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    Ok(ca)
+}
+
+/// Writes `DIR/ca.pem` and `DIR/ca-key.pem`, then `DIR/source/` and `DIR/destination/`, each
+/// holding `ca.pem`, `cert.pem` and `key.pem` (EC P-256, PKCS#8).
+pub fn write_test_certs(dir: &Path, spec: &CertsSpec<'_>) -> Result<(), CertsError> {
+    // The CA's name and key identifier follow from these parameters and its key, so a CA
+    // made here earlier signs again from its key alone.
+    let (ca_pem, issuer) = match spec.ca {
+        Some(from) => {
+            let key = KeyPair::from_pem(&read(from.join("ca-key.pem"))?)?;
+            (read(from.join("ca.pem"))?, Issuer::new(ca_params()?, key))
+        }
+        None => {
+            let key = KeyPair::generate()?;
+            let ca = ca_params()?;
+            (ca.self_signed(&key)?.pem(), Issuer::new(ca, key))
+        }
+    };
     write(dir.join("ca.pem"), &ca_pem)?;
-    write(dir.join("ca-key.pem"), &ca_key.serialize_pem())?;
-    let issuer = Issuer::new(ca, ca_key);
+    if spec.ca.is_none() {
+        write(dir.join("ca-key.pem"), &issuer.key().serialize_pem())?;
+    }
     for side in ["source", "destination"] {
         let key = KeyPair::generate()?;
         let mut p = CertificateParams::new(spec.hosts.to_vec())?;

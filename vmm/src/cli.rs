@@ -47,6 +47,9 @@ pub enum Command {
         /// Certificates that expired long ago (for testing refusals).
         #[arg(long, hide = true)]
         expired: bool,
+        /// Sign with the CA an earlier `minivmm certs CA_DIR` made instead of a new one.
+        #[arg(long, value_name = "CA_DIR")]
+        ca: Option<PathBuf>,
     },
     /// Wait for one live migration on HOST:PORT, then run the VM it brings.
     Receive(ReceiveArgs),

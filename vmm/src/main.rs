@@ -49,10 +49,12 @@ fn main() {
             dir,
             hosts,
             expired,
+            ca,
         } => {
             let spec = migration::certs::CertsSpec {
                 hosts: &hosts,
                 expired,
+                ca: ca.as_deref(),
             };
             migration::certs::write_test_certs(&dir, &spec)
                 .map(|()| {

@@ -16,6 +16,7 @@ fn certs(dir: &Path, expired: bool) {
     let spec = CertsSpec {
         hosts: &hosts,
         expired,
+        ca: None,
     };
     write_test_certs(dir, &spec).unwrap();
 }
@@ -108,6 +109,27 @@ fn an_expired_client_certificate_is_refused() {
     let ce = cli.err().unwrap().to_string();
     assert!(ce.contains("certificate expired"), "{ce}");
     assert!(srv.is_err());
+}
+
+#[test]
+fn an_expired_source_certificate_from_the_same_ca_is_refused_by_the_destination() {
+    let (good, old) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    certs(good.path(), false);
+    let hosts = ["127.0.0.1".to_string()];
+    let spec = CertsSpec {
+        hosts: &hosts,
+        expired: true,
+        ca: Some(good.path()),
+    };
+    write_test_certs(old.path(), &spec).unwrap();
+    let (cli, srv) = handshake(&old.path().join("source"), &good.path().join("destination"));
+    let se = srv.err().unwrap().to_string();
+    assert!(se.contains("certificate expired"), "{se}");
+    // TLS 1.3: the source learns it from the alert on its first read.
+    if let Ok(mut c) = cli {
+        let e = c.read(&mut [0u8; 1]).unwrap_err().to_string();
+        assert!(e.contains("CertificateExpired"), "{e}");
+    }
 }
 
 #[test]
