@@ -192,3 +192,40 @@ fn a_source_without_a_certificate_is_refused() {
         assert!(c.read(&mut b).is_err());
     }
 }
+
+/// Loopback throughput of 1 GiB through MigStream, plain and TLS, ignored by default. Run
+/// with `cargo test -p migration --release -- --ignored tls_throughput --nocapture`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn tls_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path(), false);
+    for tls in [false, true] {
+        let (c, s) = pair();
+        let (mut tx, mut rx) = if tls {
+            let (a, b) = handshake(&dir.path().join("source"), &dir.path().join("destination"));
+            let _ = (c, s);
+            (a.unwrap(), b.unwrap())
+        } else {
+            (MigStream::Plain(c), MigStream::Plain(s))
+        };
+        let total = 1usize << 30;
+        let start = std::time::Instant::now();
+        let r = thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0;
+            while got < total {
+                let n = rx.read(&mut buf).unwrap();
+                assert!(n > 0);
+                got += n;
+            }
+        });
+        let chunk = vec![0x5au8; 256 << 10];
+        for _ in 0..total / chunk.len() {
+            tx.write_all(&chunk).unwrap();
+        }
+        r.join().unwrap();
+        let s = start.elapsed().as_secs_f64();
+        println!("tls={tls}: 1 GiB in {s:.3} s = {:.0} MiB/s", 1024.0 / s);
+    }
+}
