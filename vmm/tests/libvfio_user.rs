@@ -140,6 +140,18 @@ fn sample_server_with_two_io_bars_passes_through() {
 }
 
 #[test]
+fn gpio_card_passes_through_to_hello() {
+    let Some(dir) = samples() else { return };
+    let peer = Peer::spawn(&dir, "gpio-pci-idio-16");
+    let (code, out, err) = run_info(&["run", "--guest", "hello", "--vfio-user", peer.path()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("hello: minivmm guest up"), "{out}");
+    assert!(err.contains("BAR 2: I/O, 0x100 bytes"), "{err}");
+    assert!(err.contains("INTx Some(16)"), "{err}");
+    peer.assert_quiet();
+}
+
+#[test]
 fn gpio_card_is_driven_through_its_io_bar() {
     let Some(dir) = samples() else { return };
     let peer = Peer::spawn(&dir, "gpio-pci-idio-16");
