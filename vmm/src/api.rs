@@ -332,6 +332,7 @@ fn start_migration(m: &Machine, machine: &SharedMachine, req: &Value) -> Value {
             .or_else(|| req.get("tls-dir"))
             .and_then(Value::as_str)
             .map(PathBuf::from),
+        peer_timeout: num("peer_timeout", 30),
     };
     migrate::spawn(
         machine.clone(),
@@ -349,6 +350,7 @@ pub fn migrate_client(path: &Path, to: &str, t: &MigrationTuning) -> Result<i32,
         format!("to={to}"),
         format!("downtime_ms={}", t.downtime_ms),
         format!("timeout={}", t.timeout),
+        format!("peer_timeout={}", t.peer_timeout),
     ];
     if let Some(b) = t.max_bandwidth {
         args.push(format!("max_bandwidth={b}"));

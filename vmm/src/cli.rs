@@ -85,6 +85,26 @@ pub struct ReceiveArgs {
     /// (this destination); without it the listener takes plaintext migrations.
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Seconds a connecting peer has for its whole handshake (TLS, hello, description);
+    /// a peer that does not make it is dropped and the next one is waited for.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub handshake_timeout: u64,
+    /// Exit (non-zero) if no migration was accepted within SECS; waits forever by default.
+    #[arg(long, value_name = "SECS")]
+    pub accept_timeout: Option<u64>,
+    /// Seconds any read or write of the migration may wait for the peer.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub peer_timeout: u64,
+    /// Largest guest RAM a source may bring (e.g. 8G); by default the host's MemAvailable
+    /// less 256 MiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+    /// Take only a VM with exactly this much RAM.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Take only a VM with exactly this many vCPUs.
+    #[arg(long)]
+    pub vcpus: Option<u16>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -106,6 +126,9 @@ pub struct MigrationTuning {
     /// side); without it the migration stream is plaintext (`minivmm certs` makes test ones).
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Seconds any read or write of the migration may wait for the destination.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub peer_timeout: u64,
 }
 
 #[derive(Args, Debug, Clone)]

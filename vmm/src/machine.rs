@@ -80,9 +80,9 @@ pub fn run(args: &RunArgs) -> Result<i32, MachineError> {
 
 /// `minivmm receive`: take one incoming migration, then be that VM.
 pub fn receive(args: &ReceiveArgs) -> Result<i32, MigrateError> {
-    let stream = dest::accept(&args.listen, args.tls_dir.as_deref())?;
     let passthrough = crate::cli::passthrough(&args.vfio, &args.vfio_user);
-    let (machine, stats) = dest::receive(stream, &args.serial, &passthrough)?;
+    let opts = dest::ReceiveOptions::from_args(args);
+    let (machine, stats) = dest::receive(&opts, &args.serial, &passthrough)?;
     println!("{}", stats.to_json());
     Ok(serve(
         Arc::new(Mutex::new(machine)),

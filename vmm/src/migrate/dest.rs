@@ -1,24 +1,28 @@
-//! Destination side: accept one migration, build the VM from its description, load memory
-//! and state as they arrive, resume after `Go`, then be the VM.
+//! Destination side: listen until one peer completes the handshake with a description this
+//! side accepts (stray, slow or hostile connections before that are logged and dropped, and
+//! a second one during a migration is refused), build the VM from it, load memory and state
+//! as they arrive, resume after `Go`, then be the VM.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::time::Instant;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use migration::MigrationError;
 use migration::description::VmDescription;
 use migration::protocol::{Channel, DestTimings, DevicePhase, Message, ProtocolError, features};
 use migration::recv::MemoryReceiver;
-use migration::session::{abandon, dest_confirm, dest_handshake, dest_ready};
+use migration::session::{abandon, dest_answer, dest_confirm, dest_hello, dest_ready};
 use migration::stats::{MigrationStats, Status};
 use migration::transport::{MigStream, TlsDir, TlsError};
 
-use super::PEER_TIMEOUT;
 use super::fault;
+use super::listener::Listener;
 use super::passthrough::{self, DeviceError};
 use super::passthrough_dest::DestDevices;
 use super::populate::Prefault;
 use super::snapshot::{self, Snapshot, SnapshotError};
+use crate::cli::ReceiveArgs;
 use crate::devices_setup::Passthrough;
 use crate::machine::{Machine, MachineError};
 use devices::serial::SerialOutput;
@@ -45,48 +49,302 @@ pub enum DestError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("the handshake did not finish within {} s (--handshake-timeout)", .0.as_secs_f64())]
+    HandshakeTimeout(Duration),
+    #[error("no migration arrived within {} s (--accept-timeout)", .0.as_secs_f64())]
+    AcceptTimeout(Duration),
+    #[error("refused the VM: {0}")]
+    RefusedVm(String),
+    #[error("the listener thread stopped")]
+    ListenerGone,
 }
 
-/// Waits for one source on `listen` and returns the accepted, configured connection: mutual
-/// TLS with `tls_dir` (completed before any protocol byte is read), else plain TCP.
-pub fn accept(listen: &str, tls_dir: Option<&Path>) -> Result<MigStream, DestError> {
-    let tls = tls_dir
-        .map(|d| TlsDir::load(d).and_then(|t| t.server_config()))
-        .transpose()?;
-    let listener = TcpListener::bind(listen).map_err(|e| DestError::Listen(listen.into(), e))?;
-    log::info!("waiting for a migration on {listen}");
-    let (stream, peer) = listener.accept()?;
-    log::info!("migration from {peer}");
-    fault::crash_point("accept");
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(PEER_TIMEOUT))?;
-    stream.set_write_timeout(Some(PEER_TIMEOUT))?;
-    match tls {
-        Some(cfg) => Ok(MigStream::accept_tls(stream, cfg)?),
-        None => {
-            log::warn!("migration from {peer} is plaintext: no --tls-dir, so nobody is verified");
-            Ok(MigStream::Plain(stream))
+/// What `minivmm receive` was told about its peers and the VM it may take.
+#[derive(Clone, Debug)]
+pub struct ReceiveOptions {
+    pub listen: String,
+    pub tls_dir: Option<PathBuf>,
+    /// Bound of every blocking read and write once the handshake is done.
+    pub peer_timeout: Duration,
+    /// Bound of a peer's whole handshake (TLS, Hello, Description), however it trickles.
+    pub handshake_timeout: Duration,
+    /// Give up when no migration was accepted within this long.
+    pub accept_timeout: Option<Duration>,
+    pub limits: Limits,
+}
+
+impl ReceiveOptions {
+    pub fn from_args(a: &ReceiveArgs) -> Self {
+        ReceiveOptions {
+            listen: a.listen.clone(),
+            tls_dir: a.tls_dir.clone(),
+            peer_timeout: Duration::from_secs(a.peer_timeout),
+            handshake_timeout: Duration::from_secs(a.handshake_timeout),
+            accept_timeout: a.accept_timeout.map(Duration::from_secs),
+            limits: Limits {
+                max_memory: a.max_memory.or_else(default_max_memory),
+                memory: a.memory,
+                vcpus: a.vcpus,
+            },
         }
     }
 }
 
-/// Receives a VM over `stream`. Returns the running machine and the destination's statistics;
-/// any error before `Go` means the VM is discarded and the source keeps the guest.
+/// The shape of VM this destination takes, checked before anything is built.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    /// Most guest RAM; none when the host's free memory could not be read.
+    pub max_memory: Option<u64>,
+    /// `--memory`/`--vcpus` of `receive`: the description must match them exactly.
+    pub memory: Option<u64>,
+    pub vcpus: Option<u16>,
+}
+
+impl Limits {
+    /// The Refuse reason for a description outside the limits. The memory limit itself is
+    /// the host's business: only logged, never told to the peer.
+    pub fn check(&self, desc: &VmDescription) -> Result<(), String> {
+        let ram = desc.ram_bytes();
+        if let Some(m) = self.memory
+            && m != ram
+        {
+            return Err(format!(
+                "the VM has {} of RAM but this destination was started with --memory {}",
+                size(ram),
+                size(m)
+            ));
+        }
+        if let Some(v) = self.vcpus
+            && u32::from(v) != desc.vcpus
+        {
+            return Err(format!(
+                "the VM has {} vCPUs but this destination was started with --vcpus {v}",
+                desc.vcpus
+            ));
+        }
+        if let Some(max) = self.max_memory
+            && ram > max
+        {
+            log::warn!(
+                "a VM of {} of RAM is over the limit of {}",
+                size(ram),
+                size(max)
+            );
+            return Err(format!(
+                "the VM's {} of RAM is more than this destination takes (--max-memory)",
+                size(ram)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the host can give a VM: MemAvailable less a margin for this process and the host.
+fn default_max_memory() -> Option<u64> {
+    const MARGIN: u64 = 256 << 20;
+    let info = match std::fs::read_to_string("/proc/meminfo") {
+        Ok(i) => i,
+        Err(e) => {
+            log::warn!("cannot read /proc/meminfo ({e}): no limit on a peer's RAM size");
+            return None;
+        }
+    };
+    let kib = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())?;
+    Some(kib.saturating_mul(1024).saturating_sub(MARGIN))
+}
+
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// Text a peer chose (or that quotes it), fit for a log line: at most 200 characters,
+/// control and non-ASCII characters escaped.
+pub fn peer_text(s: &str) -> String {
+    const MAX: usize = 200;
+    let mut out = String::new();
+    for c in s.chars().take(MAX) {
+        if c.is_ascii() && !c.is_ascii_control() {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    if s.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// A migration whose description was accepted: from here on a failure ends the receive.
+struct Incoming {
+    ch: Channel<MigStream>,
+    desc: VmDescription,
+    machine: Machine,
+    devs: DestDevices,
+    start: Instant,
+}
+
+/// Listens on `opts.listen` until a peer's migration is accepted, then receives the VM.
+/// Returns the running machine and the destination's statistics; any error before `Go`
+/// means the VM is discarded and the source keeps the guest.
 pub fn receive(
-    stream: MigStream,
+    opts: &ReceiveOptions,
     serial: &SerialOutput,
     passthrough: &[Passthrough],
 ) -> Result<(Machine, MigrationStats), DestError> {
-    let start = Instant::now();
-    let mut ch = Channel::new(stream);
-    let mut built = None;
-    let check = |desc: &VmDescription| -> Result<(), String> {
-        built = Some(build(desc, serial, passthrough)?);
-        Ok(())
+    let cfg = opts
+        .tls_dir
+        .as_deref()
+        .map(|d| TlsDir::load(d).and_then(|t| t.server_config()))
+        .transpose()?;
+    let accept_tls = cfg.map(|c| move |tcp| MigStream::accept_tls(tcp, c.clone()));
+    let tls = accept_tls.as_ref().map(|f| f as &TlsAccept);
+    let listener = Listener::bind(&opts.listen)?;
+    log::info!("waiting for a migration on {}", opts.listen);
+    let deadline = opts.accept_timeout.map(|t| (Instant::now() + t, t));
+    let incoming = loop {
+        let (tcp, peer) = listener.next(deadline)?;
+        fault::crash_point("accept");
+        match handshake(tcp, peer, tls, opts, serial, passthrough) {
+            Ok(i) => {
+                log::info!("migration from {peer}");
+                break i;
+            }
+            Err(e) => log::warn!(
+                "dropped the connection from {peer}: {}",
+                peer_text(&e.to_string())
+            ),
+        }
     };
-    let (desc, _) = dest_handshake(&mut ch, features::ALL, check)?;
+    listener.busy();
     fault::crash_point("description");
-    let (mut m, mut devs) = built.ok_or_else(|| ProtocolError::Refused("VM not built".into()))?;
+    migrate_in(incoming)
+}
+
+/// Completes the destination's side of mutual TLS on an accepted socket.
+type TlsAccept = dyn Fn(TcpStream) -> Result<MigStream, TlsError>;
+
+/// One connection's handshake: TLS (when on), `Hello`, `Description` within the handshake
+/// deadline, then the limits and the build of the paused VM, answered `Accept` or `Refuse`.
+fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<&TlsAccept>,
+    opts: &ReceiveOptions,
+    serial: &SerialOutput,
+    passthrough: &[Passthrough],
+) -> Result<Incoming, DestError> {
+    let start = Instant::now();
+    let until = start + opts.handshake_timeout;
+    tcp.set_nonblocking(false)?;
+    tcp.set_nodelay(true)?;
+    let mut stream = match tls {
+        Some(accept_tls) => {
+            // rustls reads with the socket's timeouts: the handshake's whole budget.
+            tcp.set_read_timeout(Some(opts.handshake_timeout))?;
+            tcp.set_write_timeout(Some(opts.handshake_timeout))?;
+            accept_tls(tcp)?
+        }
+        None => {
+            log::warn!("migration from {peer} is plaintext: no --tls-dir, so nobody is verified");
+            MigStream::Plain(tcp)
+        }
+    };
+    let hello = dest_hello(
+        &mut Channel::new(Deadline::new(&mut stream, until)),
+        features::ALL,
+    );
+    let (desc, _) = hello.map_err(|e| match e {
+        MigrationError::Protocol(p) if p.is_timeout() => {
+            DestError::HandshakeTimeout(opts.handshake_timeout)
+        }
+        e => e.into(),
+    })?;
+    stream.set_timeouts(Some(opts.peer_timeout))?;
+    let mut ch = Channel::new(stream).with_timeout(opts.peer_timeout);
+    let mut built = None;
+    let answer = dest_answer(&mut ch, &desc, |d| {
+        opts.limits.check(d)?;
+        built = Some(build(d, serial, passthrough)?);
+        Ok(())
+    });
+    match (answer, built) {
+        (Ok(()), Some((machine, devs))) => Ok(Incoming {
+            ch,
+            desc,
+            machine,
+            devs,
+            start,
+        }),
+        (Err(e), Some((machine, mut devs))) => {
+            devs.abort();
+            drop(machine);
+            Err(e.into())
+        }
+        (Err(MigrationError::Protocol(ProtocolError::Refused(r))), None) => {
+            Err(DestError::RefusedVm(r))
+        }
+        (Err(e), None) => Err(e.into()),
+        (Ok(()), None) => Err(ProtocolError::Refused("VM not built".into()).into()),
+    }
+}
+
+/// A stream whose every read and write must end by `until`: one deadline for a whole
+/// exchange, so a peer sending a byte at a time cannot stretch it.
+struct Deadline<'a> {
+    stream: &'a mut MigStream,
+    until: Instant,
+}
+
+impl<'a> Deadline<'a> {
+    fn new(stream: &'a mut MigStream, until: Instant) -> Self {
+        Deadline { stream, until }
+    }
+
+    fn left(&self) -> io::Result<Duration> {
+        match self.until.checked_duration_since(Instant::now()) {
+            Some(d) if !d.is_zero() => Ok(d),
+            _ => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.tcp().set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.tcp().set_write_timeout(Some(left))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Loads the accepted migration and resumes the VM; a failure discards it.
+fn migrate_in(incoming: Incoming) -> Result<(Machine, MigrationStats), DestError> {
+    let Incoming {
+        mut ch,
+        desc,
+        machine: mut m,
+        mut devs,
+        start,
+    } = incoming;
     let mut stats = MigrationStats::new(desc.ram_bytes());
     stats.setup_time = start.elapsed().as_millis() as u64;
     let result = load(&mut ch, &m, &mut devs, &mut stats)
@@ -178,7 +436,9 @@ fn load(
                 fault::crash_point("complete");
                 break;
             }
-            Some(Message::Abandon { reason }) => return Err(DestError::Abandoned(reason)),
+            Some(Message::Abandon { reason }) => {
+                return Err(DestError::Abandoned(peer_text(&reason)));
+            }
             Some(other) => return Err(ProtocolError::unexpected("memory or state", other).into()),
         }
     }

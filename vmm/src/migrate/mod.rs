@@ -1,13 +1,15 @@
 //! Live migration glue: drives the `migration` crate's engine with this VMM's KVM dirty log,
 //! vCPU/VM/device state and pause/resume, and migrates passthrough devices through the VFIO
 //! migration protocol (`driver`/`v1`: v2 and the v1 region behind one trait; `passthrough*`:
-//! the source and destination sequences; `dma_log`: the devices' DMA writes as dirty pages).
+//! the source and destination sequences; `dma_log`: the devices' DMA writes as dirty pages;
+//! `listener`: the destination's socket, which drops stray peers and refuses a second one).
 
 pub mod dest;
 pub mod dirty_kvm;
 pub mod dma_log;
 pub mod driver;
 pub mod fault;
+mod listener;
 pub mod passthrough;
 pub mod passthrough_dest;
 pub mod passthrough_source;
@@ -39,6 +41,8 @@ pub struct MigrateOptions {
     /// Mutual TLS with this side's identity (`ca.pem`, `cert.pem`, `key.pem`); plain TCP
     /// without it.
     pub tls_dir: Option<std::path::PathBuf>,
+    /// Bound of every blocking read and write of the migration stream (`--peer-timeout`).
+    pub peer_timeout: Duration,
 }
 
 impl Default for MigrateOptions {
@@ -50,6 +54,7 @@ impl Default for MigrateOptions {
             timeout: Duration::from_secs(600),
             force_dirty_dma: false,
             tls_dir: None,
+            peer_timeout: PEER_TIMEOUT,
         }
     }
 }
@@ -68,7 +73,8 @@ pub struct MigrationInfo {
 
 pub type SharedInfo = Arc<Mutex<MigrationInfo>>;
 
-/// How long one side waits for the other before declaring the peer gone.
+/// How long one side waits for the other before declaring the peer gone, unless
+/// `--peer-timeout` says otherwise.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Any failure of `minivmm receive` or of a migration, for `main`'s one-line error.
@@ -90,6 +96,7 @@ pub fn options(to: &str, t: &crate::cli::MigrationTuning) -> MigrateOptions {
         timeout: Duration::from_secs(t.timeout),
         force_dirty_dma: t.force_dirty_dma,
         tls_dir: t.tls_dir.clone(),
+        peer_timeout: Duration::from_secs(t.peer_timeout),
     }
 }
 

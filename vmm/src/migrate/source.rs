@@ -101,7 +101,8 @@ pub fn migrate(
     let start = Instant::now();
     let (mem, fd, desc, devices) = prepare(shared, opts)?;
     let stream = connect(&opts.to, opts.tls_dir.as_deref())?;
-    let mut ch = Channel::new(stream.try_clone()?);
+    stream.set_timeouts(Some(opts.peer_timeout))?;
+    let mut ch = Channel::new(stream.try_clone()?).with_timeout(opts.peer_timeout);
     let granted = source_handshake(&mut ch, &desc, features::ALL)?;
     let rp = ReturnPath::spawn(stream.try_clone()?)?;
     let mut log = DirtyLog::new(RamSlot::of_memory(&mem));
@@ -333,7 +334,7 @@ impl Run<'_> {
         }
         self.ch.send(&Message::Complete)?;
         let t_sent = paused.elapsed();
-        let dest = source_end(&mut self.ch, &self.rp, PEER_TIMEOUT, |_| {})?;
+        let dest = source_end(&mut self.ch, &self.rp, self.opts.peer_timeout, |_| {})?;
         let b = &mut self.stats.downtime_breakdown_us;
         b.final_memory = t_mem.as_micros() as u64;
         b.state_save = (t_save - t_dev).as_micros() as u64;

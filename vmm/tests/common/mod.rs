@@ -122,6 +122,27 @@ impl Vm {
         ctl(&self.api, req)
     }
 
+    /// Waits until the process's stderr contains `text`; panics with it on timeout.
+    pub fn wait_stderr(&self, text: &str, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let err = self.stderr();
+            if err.contains(text) {
+                return err;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no {text:?} on stderr within {limit:?}:\n{err}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let start = Instant::now();
         loop {

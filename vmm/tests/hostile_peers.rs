@@ -1,0 +1,253 @@
+//! A destination facing peers that are not a well-behaved source: stray connections, a
+//! trickling sender, a second source during a migration, a description sized to exhaust the
+//! host. Real minivmm processes and real TCP; crafted peers speak the migration crate's
+//! protocol from the test.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use migration::description::VmDescription;
+use migration::protocol::{Channel, Header, Message, MessageType};
+use migration::ranges::MemoryRange;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn destination(addr: &str, extra: &[&str]) -> Vm {
+    let mut args = vec!["receive", "--listen", addr];
+    args.extend_from_slice(extra);
+    let d = Vm::spawn(&args);
+    wait_listening(addr);
+    d
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s
+}
+
+fn hello() -> Message {
+    Message::Hello {
+        version: 1,
+        features: 0,
+    }
+}
+
+/// Reads until the destination closes; returns the first message it sent, if any.
+fn reply_then_close(s: TcpStream) -> Option<Message> {
+    let mut ch = Channel::new(s);
+    let first = ch.recv().ok();
+    let mut rest = Vec::new();
+    let _ = ch.get_mut().read_to_end(&mut rest);
+    first
+}
+
+fn refusal(m: Option<Message>) -> String {
+    match m {
+        Some(Message::Refuse { reason }) => reason,
+        other => panic!("expected Refuse, got {other:?}"),
+    }
+}
+
+/// Hello, then `desc`: what the destination answers it.
+fn offer(addr: &str, desc: VmDescription) -> Message {
+    let mut ch = Channel::new(connect(addr));
+    ch.send(&hello()).unwrap();
+    assert!(matches!(ch.recv().unwrap(), Message::HelloAck { .. }));
+    ch.send(&Message::Description(desc)).unwrap();
+    ch.recv().expect("an answer to the description")
+}
+
+fn description(ram: u64, vcpus: u32) -> VmDescription {
+    VmDescription {
+        ram: vec![MemoryRange::new(0, ram)],
+        vcpus,
+        ..Default::default()
+    }
+}
+
+fn dirtier_args(cmdline: &str) -> Vec<String> {
+    [
+        "run",
+        "--guest",
+        "dirtier",
+        "--memory",
+        "128M",
+        "--cmdline",
+        cmdline,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The guest ran on at the destination, verified every page, and lost no heartbeat.
+fn verify_migrated(src: &mut Vm, dst: &mut Vm) {
+    let src_lines = src.lines();
+    let last_pass = src_lines.iter().filter(|l| l.starts_with("PASS ")).count();
+    let want = format!("PASS {} ok", last_pass + 2);
+    dst.wait_line(|l| l.starts_with(&want), LIMIT);
+    assert_eq!(dst.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert_eq!(dst.wait_exit(LIMIT).code(), Some(0), "{}", dst.stderr());
+    no_bad(&src_lines);
+    no_bad(&dst.lines());
+    assert_contiguous(&heartbeats(&joined_lines(src, dst)));
+    let dstats: serde_json::Value =
+        serde_json::from_str(dst.stdout().lines().next().expect("stats")).unwrap();
+    assert_eq!(dstats["status"], "completed", "{dstats}");
+}
+
+/// Sends a Hello one byte a second until the destination hangs up; returns once it has.
+fn trickle_until_cut_off(addr: &str) {
+    let s = connect(addr);
+    let mut w = s.try_clone().unwrap();
+    let msg = hello();
+    let (head, tail) = migration::protocol::encode_frame(&msg).unwrap();
+    let bytes: Vec<u8> = head.iter().chain(tail).copied().collect();
+    let writer = std::thread::spawn(move || {
+        for b in bytes {
+            if w.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    // EOF (or a reset) is the destination dropping it; the whole Hello takes 26 s.
+    let mut buf = [0u8; 64];
+    let got = (&s).read(&mut buf);
+    assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    writer.join().unwrap();
+}
+
+#[test]
+fn stray_connections_before_a_valid_migration() {
+    let addr = free_addr();
+    let mut dst = destination(&addr, &["--handshake-timeout", "2"]);
+    // Garbage: refused as not a migration stream.
+    let mut s = connect(&addr);
+    s.write_all(&[0xa5; 64]).unwrap();
+    assert!(refusal(reply_then_close(s)).contains("magic"));
+    // Connect and close.
+    drop(connect(&addr));
+    // A frame announcing a terabyte.
+    let mut s = connect(&addr);
+    let mut h = Header::new(MessageType::Hello, 0).to_bytes();
+    h[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    s.write_all(&h).unwrap();
+    assert!(refusal(reply_then_close(s)).contains("exceeds its limit"));
+    // A Hello at one byte a second.
+    trickle_until_cut_off(&addr);
+    let err = dst.wait_stderr("handshake did not finish within 2 s", LIMIT);
+    assert!(
+        err.matches("dropped the connection from 127.0.0.1").count() >= 3,
+        "{err}"
+    );
+    assert!(dst.running(), "{err}");
+
+    let mut args = dirtier_args("hb_ms=20 share=50");
+    args.extend(["--migrate-to".into(), addr.clone()]);
+    args.extend(["--migrate-after".into(), "1".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut src = Vm::spawn(&args);
+    assert_eq!(src.wait_exit(LIMIT).code(), Some(0), "{}", src.stderr());
+    verify_migrated(&mut src, &mut dst);
+}
+
+#[test]
+fn a_second_source_during_a_migration_is_refused() {
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[]);
+    // Slow enough to be caught in pre-copy: 64 MiB of data (one full pass written) at
+    // 48 MiB/s, against 20 MB/s of dirtying.
+    let args = dirtier_args("hb_ms=20 share=50 rate=5000");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut src = Vm::spawn(&args);
+    src.wait_line(|l| l.starts_with("PASS 1 ok"), LIMIT);
+    migrate_request(&src, &addr, r#","max_bandwidth":50331648"#);
+    let start = std::time::Instant::now();
+    loop {
+        assert!(src.running(), "{}\n{}", src.stdout(), src.stderr());
+        let st = src.ctl(r#"{"cmd":"migration-status"}"#);
+        if st["stats"]["status"] == "active" {
+            break;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "migration never became active: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut second = Channel::new(connect(&addr));
+    second.send(&hello()).unwrap();
+    let reason = refusal(reply_then_close(second.into_inner()));
+    assert!(reason.contains("already receiving"), "{reason}");
+    dst.wait_stderr("refused the connection from 127.0.0.1", LIMIT);
+    assert_eq!(src.wait_exit(LIMIT).code(), Some(0), "{}", src.stderr());
+    verify_migrated(&mut src, &mut dst);
+}
+
+#[test]
+fn accept_timeout_ends_a_destination_nobody_migrates_to() {
+    let addr = free_addr();
+    let mut dst = destination(&addr, &["--accept-timeout", "1"]);
+    // A stray peer does not count as a migration.
+    drop(connect(&addr));
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    let line = error_text(&dst.stderr()).trim().to_owned();
+    assert!(
+        line.starts_with("minivmm: ")
+            && line.ends_with("no migration arrived within 1 s (--accept-timeout)"),
+        "{line}"
+    );
+}
+
+#[test]
+fn descriptions_beyond_the_limits_are_refused_and_the_destination_waits_on() {
+    let addr = free_addr();
+    let mut dst = destination(&addr, &["--max-memory", "256M", "--vcpus", "1"]);
+    let reason = refusal(Some(offer(&addr, description(1 << 40, 1))));
+    assert!(reason.contains("1024 GiB"), "{reason}");
+    assert!(
+        !reason.contains("256"),
+        "the limit is the host's business: {reason}"
+    );
+    let reason = refusal(Some(offer(&addr, description(128 << 20, 2))));
+    assert!(
+        reason.contains("2 vCPUs") && reason.contains("--vcpus 1"),
+        "{reason}"
+    );
+    // Malformed: RAM that is not page-aligned, refused with the reason.
+    let reason = refusal(Some(offer(&addr, description(100, 1))));
+    assert!(reason.contains("page-aligned"), "{reason}");
+    let err = dst.wait_stderr("is over the limit of 256 MiB", LIMIT);
+    assert!(dst.running(), "{err}");
+    // Still serving: the next peer gets its HelloAck.
+    let mut ch = Channel::new(connect(&addr));
+    ch.send(&hello()).unwrap();
+    assert!(matches!(ch.recv().unwrap(), Message::HelloAck { .. }));
+}
+
+#[test]
+fn a_source_bigger_than_max_memory_is_refused_and_keeps_running() {
+    let addr = free_addr();
+    let mut dst = destination(&addr, &["--max-memory", "64M"]);
+    let args = dirtier_args("hb_ms=20 share=50");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let src = Vm::spawn(&args);
+    src.wait_line(|l| l == "HB 3", LIMIT);
+    migrate_request(&src, &addr, "");
+    let stats = wait_migration_end(&src);
+    let e = stats["error-desc"].as_str().unwrap_or_default();
+    assert!(e.contains("more than this destination takes"), "{stats}");
+    assert_eq!(src.ctl(r#"{"cmd":"status"}"#)["state"], "running");
+    dst.wait_stderr("refused the VM", LIMIT);
+    assert!(dst.running(), "{}", dst.stderr());
+    let hb = heartbeats(&src.lines()).len();
+    let target = format!("HB {}", hb + 5);
+    src.wait_line(|l| l == target, LIMIT);
+}
