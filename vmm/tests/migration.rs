@@ -436,3 +436,34 @@ fn listening_in(netns: &str, port: u16) -> bool {
     })
     .unwrap_or(false)
 }
+
+/// A destination that stays connected but never says Ready: the source times out within
+/// its --peer-timeout, before Go, and resumes the guest; while it waits, `status` answers at
+/// once (the switchover holds the VM, so it says so instead of waiting for it).
+#[test]
+fn a_stalled_destination_before_go_times_out_and_status_stays_responsive() {
+    let (mut src, before) = running_source();
+    let addr = free_addr();
+    let _dst = destination(&addr, &[("MINIVMM_FAULT", "stall-ready")]);
+    migrate_request(&src, &addr, r#","peer_timeout":3"#);
+    let start = Instant::now();
+    let mut saw_switchover = false;
+    loop {
+        let st = src.ctl(r#"{"cmd":"status"}"#);
+        assert_eq!(st["ok"], true, "{st}");
+        saw_switchover |= st["state"] == "switchover";
+        let m = src.ctl(r#"{"cmd":"migration-status"}"#);
+        if m["running"] == false {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "migration never ended: {m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(saw_switchover, "status never reported the switchover");
+    let stats = src.ctl(r#"{"cmd":"migration-status"}"#)["stats"].clone();
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let err = stats["error-desc"].as_str().unwrap_or_default();
+    assert!(err.contains("timed out after 3 s"), "{err}");
+    assert!(!err.contains("os error 11"), "{err}");
+    assert_source_unharmed(&mut src, before);
+}

@@ -473,6 +473,10 @@ fn resume(
     mut timings: DestTimings,
 ) -> Result<(), DestError> {
     fault::corrupt_point("ready", ch.get_mut());
+    if fault::active("stall-ready") {
+        // A peer that stays connected and says nothing: the source must time out.
+        std::thread::sleep(Duration::from_secs(3600));
+    }
     dest_ready(ch)?;
     fault::crash_point("go");
     let t = Instant::now();

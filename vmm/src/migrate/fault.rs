@@ -28,7 +28,8 @@ pub fn corrupt_point(point: &str, peer: &mut impl Write) {
     }
 }
 
-/// Whether the behaviour fault `point` (no crash, no frame: e.g. `skip-dma-log`) is asked for.
+/// Whether the behaviour fault `point` (no crash, no frame: e.g. `skip-dma-log`, or
+/// `stall-ready`, a destination that never says Ready) is asked for.
 pub fn active(point: &str) -> bool {
     wanted().as_deref() == Some(point)
 }
