@@ -9,13 +9,15 @@
 //! with KVM's source, `dirty::VmmWrites` and device logs; `precopy::run_precopy` (or a loop of
 //! `collect` + `send::send_ranges` + `policy::Convergence::decide`); on `SwitchOver` pause,
 //! `precopy::final_pass`, send device stop-copy data and `VcpuState`/`VmState`/`DeviceState`,
-//! `Complete`, then `session::source_end`: `EndError::BeforeGo` → resume here,
+//! then `session::source_end` (sends `Complete`, waits for `Ready`, sends `Go` with the run
+//! state found before the pause): `EndError::BeforeGo` → restore that run state here,
 //! `EndError::AfterGo` → stay paused. On `GaveUp` or any error before Go: `session::abandon`.
 //!
 //! Destination: accept, same socket options; `session::dest_handshake` with a check that
 //! compares the description and builds the paused VM; `recv::MemoryReceiver::new(mem, fresh)`
 //! and `recv` until a non-memory message; store state messages until `Complete`; load;
-//! `session::dest_ready` (waits for Go); resume; `session::dest_confirm` with the timings.
+//! `session::dest_ready` with `Complete`'s token (waits for Go); resume unless Go says the
+//! guest was paused; `session::dest_confirm` with the timings.
 
 pub mod bitmap;
 pub mod certs;

@@ -5,6 +5,7 @@
 //! Devices take part through [`DeviceHooks`] (pre-copy chunks, stop-copy size, acks).
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::Bitmap;
@@ -31,15 +32,52 @@ pub trait DeviceHooks {
         0
     }
 
-    /// The destination has loaded `device`'s initial pre-copy data (switchover-ack).
-    fn acked(&mut self, device: &str) {
-        log::debug!("switchover-ack from {device}");
+    /// The destination has loaded `device`'s initial pre-copy data (switchover-ack). An ack
+    /// for a device that is not migrating, or a second one, is a protocol error: the default
+    /// (no devices) refuses every ack.
+    fn acked(&mut self, device: &str) -> Result<(), MigrationError> {
+        Err(unknown_ack(device))
     }
 
     /// Whether every device that must be acknowledged before switchover has been.
     fn all_acked(&self) -> bool {
         true
     }
+}
+
+/// The error for a `DeviceAck` naming a device that is not migrating (peer text, shortened).
+pub fn unknown_ack(device: &str) -> MigrationError {
+    let name: String = device.chars().take(64).collect();
+    ProtocolError::OutOfPhase {
+        got: crate::protocol::MessageType::DeviceAck,
+        reason: format!("no device {name:?} is waiting for an acknowledgement"),
+    }
+    .into()
+}
+
+/// Bytes of RAM sent between two looks at the cancel flag.
+const CANCEL_BATCH: u64 = 16 << 20;
+
+/// `ranges` cut into runs of at most `max` bytes each (ranges split at the cuts), in order.
+fn batches(ranges: &[MemoryRange], max: u64) -> Vec<Vec<MemoryRange>> {
+    let mut out = vec![Vec::new()];
+    let mut room = max;
+    for r in ranges {
+        let mut r = *r;
+        while r.len > 0 {
+            if room == 0 {
+                out.push(Vec::new());
+                room = max;
+            }
+            let take = r.len.min(room);
+            if let Some(b) = out.last_mut() {
+                b.push(MemoryRange::new(r.gpa, take));
+            }
+            r = MemoryRange::new(r.gpa + take, r.len - take);
+            room -= take;
+        }
+    }
+    out
 }
 
 /// For a VM without migratable devices.
@@ -55,14 +93,18 @@ pub struct PrecopyOptions {
     pub max_bandwidth: Option<u64>,
 }
 
-/// The forward connection and the return path of a source.
+/// The forward connection and the return path of a source, and the operator's cancel.
 pub struct Link<'a, S> {
     pub ch: &'a mut Channel<S>,
     pub rp: &'a ReturnPath,
+    /// Set (by `migrate-cancel`) to end pre-copy after the pass in progress.
+    pub cancel: Option<&'a AtomicBool>,
 }
 
 #[derive(Debug)]
 pub enum PrecopyEnd {
+    /// The operator cancelled: the guest runs on, nothing more is sent.
+    Cancelled,
     /// Pause the vCPUs and call [`final_pass`] with `pending`, the dirty ranges collected
     /// last and not sent yet.
     SwitchOver {
@@ -106,7 +148,9 @@ where
     let mut ranges = run.dirty.all_ranges();
     let mut iteration = 0;
     loop {
-        run.pass(&ranges, iteration)?;
+        if !run.pass(&ranges, iteration)? || run.cancelled() {
+            return Ok(PrecopyEnd::Cancelled);
+        }
         ranges = run.dirty.collect()?;
         match run.assess(&ranges, iteration) {
             (Decision::Continue, _) => {
@@ -146,16 +190,27 @@ where
     P: FnMut(&Progress),
 {
     /// Sends `ranges` and the devices' pre-copy data, then reads the return path.
-    fn pass(&mut self, ranges: &[MemoryRange], iteration: u64) -> Result<(), MigrationError> {
+    fn cancelled(&self) -> bool {
+        self.link.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// Sends one pass; false if the operator cancelled it part-way (between batches).
+    fn pass(&mut self, ranges: &[MemoryRange], iteration: u64) -> Result<bool, MigrationError> {
         let sent = Instant::now();
+        let mut c = SendCounters::default();
+        for batch in batches(ranges, CANCEL_BATCH) {
+            if self.cancelled() {
+                return Ok(false);
+            }
+            c += send_ranges(
+                self.mem,
+                &batch,
+                self.link.ch,
+                &self.opts.send,
+                self.throttle.as_mut(),
+            )?;
+        }
         let ch = &mut *self.link.ch;
-        let c = send_ranges(
-            self.mem,
-            ranges,
-            ch,
-            &self.opts.send,
-            self.throttle.as_mut(),
-        )?;
         let device_bytes = send_device_data(ch, self.hooks)?;
         ch.send(&Message::IterationEnd {
             iteration,
@@ -165,7 +220,8 @@ where
             .record_pass(c.wire_bytes + device_bytes, sent.elapsed());
         self.stats.ram.add_pass(&c, false);
         self.stats.vfio.transferred += device_bytes;
-        drain_return_path(self.link.rp, self.hooks)
+        drain_return_path(self.link.rp, self.hooks)?;
+        Ok(true)
     }
 
     /// Measures the dirty set just collected and asks the policy what to do.
@@ -213,7 +269,7 @@ where
             return Ok(());
         }
         match self.link.rp.recv_timeout(ACK_WAIT) {
-            Ok(Message::DeviceAck { device }) => self.hooks.acked(&device),
+            Ok(Message::DeviceAck { device }) => self.hooks.acked(&device)?,
             Ok(other) => return Err(ProtocolError::unexpected("DeviceAck", other).into()),
             Err(ProtocolError::Timeout) => {}
             Err(e) => return Err(e.into()),
@@ -259,7 +315,7 @@ fn send_device_data<S: Write, H: DeviceHooks>(
 fn drain_return_path<H: DeviceHooks>(rp: &ReturnPath, hooks: &mut H) -> Result<(), MigrationError> {
     while let Some(msg) = rp.try_recv() {
         match msg? {
-            Message::DeviceAck { device } => hooks.acked(&device),
+            Message::DeviceAck { device } => hooks.acked(&device)?,
             other => return Err(ProtocolError::unexpected("DeviceAck", other).into()),
         }
     }
@@ -290,4 +346,23 @@ where
     stats.ram.add_pass(&c, true);
     stats.ram.remaining = 0;
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_cut_ranges_at_the_limit_and_keep_their_order() {
+        let r = |gpa, len| MemoryRange::new(gpa, len);
+        let got = batches(&[r(0, 0x3000), r(0x10000, 0x1000)], 0x2000);
+        assert_eq!(
+            got,
+            vec![
+                vec![r(0, 0x2000)],
+                vec![r(0x2000, 0x1000), r(0x10000, 0x1000)],
+            ]
+        );
+        assert_eq!(batches(&[], 0x2000), vec![Vec::<MemoryRange>::new()]);
+    }
 }

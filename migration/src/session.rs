@@ -1,5 +1,9 @@
 //! The fixed exchanges at both ends of a migration: handshake with the VM description, and
-//! the two-phase end (destination Ready → source Go → destination Resumed).
+//! the two-phase end (source Complete → destination Ready → source Go → destination Resumed).
+//!
+//! Every message is valid only in its phase: the destination's `Description` must echo its
+//! session nonce (a replayed recording cannot), and its `Ready` must echo the token of the
+//! source's `Complete` (an early `Ready` cannot).
 //!
 //! The rule the end phase protects: before `Go`, any failure leaves the guest with the source
 //! (which resumes it); after `Go`, the destination may already be running it, so the source
@@ -10,7 +14,10 @@ use std::time::Duration;
 
 use crate::MigrationError;
 use crate::description::VmDescription;
-use crate::protocol::{Channel, DestTimings, Message, PROTOCOL_VERSION, ProtocolError, ReturnPath};
+use crate::protocol::{
+    Channel, DestTimings, Message, MessageType, Nonce, PROTOCOL_VERSION, ProtocolError, ReturnPath,
+    RunState, fresh_nonce,
+};
 
 /// Source: `Hello` → `HelloAck`, then `Description` → `Accept`. Returns the granted features.
 pub fn source_handshake<S: Read + Write>(
@@ -22,11 +29,18 @@ pub fn source_handshake<S: Read + Write>(
         version: PROTOCOL_VERSION.into(),
         features,
     })?;
-    let granted = match ch.recv()? {
-        Message::HelloAck { features: f, .. } => f & features,
+    let (granted, session) = match ch.recv()? {
+        Message::HelloAck {
+            features: f,
+            session,
+            ..
+        } => (f & features, session),
         other => return Err(ProtocolError::unexpected("HelloAck", other).into()),
     };
-    ch.send(&Message::Description(desc.clone()))?;
+    ch.send(&Message::Description {
+        session,
+        desc: desc.clone(),
+    })?;
     match ch.recv()? {
         Message::Accept => Ok(granted),
         other => Err(ProtocolError::unexpected("Accept", other).into()),
@@ -50,8 +64,9 @@ where
     Ok((desc, granted))
 }
 
-/// Destination, first half of the handshake: `Hello` → `HelloAck`, then the `Description`.
-/// Everything here is sized and paced by a peer nobody has vetted yet, so a caller bounds it
+/// Destination, first half of the handshake: `Hello` → `HelloAck` with a fresh session nonce,
+/// then the `Description`, which must echo that nonce (a replayed recording carries another
+/// one and is refused here, before any VM is built). Everything here is sized and paced by a peer nobody has vetted yet, so a caller bounds it
 /// with one deadline. A frame that cannot be decoded (a malformed or oversized description,
 /// garbage) is answered with a `Refuse` naming the problem, best effort, before the error.
 pub fn dest_hello<S: Read + Write>(
@@ -63,12 +78,15 @@ pub fn dest_hello<S: Read + Write>(
         Ok(other) => return Err(refuse(ch, ProtocolError::unexpected("Hello", other))),
         Err(e) => return Err(refuse(ch, e)),
     };
+    let nonce = fresh_nonce().map_err(ProtocolError::from)?;
     ch.send(&Message::HelloAck {
         version: PROTOCOL_VERSION.into(),
         features: granted,
+        session: nonce,
     })?;
     match ch.recv() {
-        Ok(Message::Description(d)) => Ok((d, granted)),
+        Ok(Message::Description { session, desc }) if session == nonce => Ok((desc, granted)),
+        Ok(Message::Description { .. }) => Err(refuse(ch, ProtocolError::WrongSession)),
         Ok(other) => Err(refuse(ch, ProtocolError::unexpected("Description", other))),
         Err(e) => Err(refuse(ch, e)),
     }
@@ -127,27 +145,34 @@ pub enum EndError {
     AfterGo(MigrationError),
 }
 
-/// Source, after `Complete`: waits for `Ready`, sends `Go`, waits for `Resumed`. Late
-/// `DeviceAck`s are passed to `on_ack`. Each wait is bounded by `timeout`.
+/// Source, with all state sent: sends `Complete` with a fresh token, waits for the `Ready`
+/// that echoes it, sends `Go` telling the destination whether to run the guest, and waits for
+/// `Resumed`. Late `DeviceAck`s go to `on_ack`, whose error (an unknown or repeated device)
+/// fails the migration before Go; so does any other message. Each wait is bounded by
+/// `timeout`.
 pub fn source_end<S: Write>(
     ch: &mut Channel<S>,
     rp: &ReturnPath,
     timeout: Duration,
-    mut on_ack: impl FnMut(String),
+    guest: RunState,
+    mut on_ack: impl FnMut(String) -> Result<(), MigrationError>,
 ) -> Result<DestTimings, EndError> {
     let timed = |e: ProtocolError| match e {
         ProtocolError::Timeout => ProtocolError::TimedOut(timeout),
         e => e,
     };
     let before = |e: ProtocolError| EndError::BeforeGo(timed(e).into());
+    let token = fresh_nonce().map_err(|e| before(e.into()))?;
+    ch.send(&Message::Complete { token }).map_err(before)?;
     loop {
         match rp.recv_timeout(timeout).map_err(before)? {
-            Message::Ready => break,
-            Message::DeviceAck { device } => on_ack(device),
+            Message::Ready { token: t } if t == token => break,
+            Message::Ready { .. } => return Err(before(early_ready())),
+            Message::DeviceAck { device } => on_ack(device).map_err(EndError::BeforeGo)?,
             other => return Err(before(ProtocolError::unexpected("Ready", other))),
         }
     }
-    ch.send(&Message::Go).map_err(before)?;
+    ch.send(&Message::Go { guest }).map_err(before)?;
     let after = |e: ProtocolError| EndError::AfterGo(timed(e).into());
     match rp.recv_timeout(timeout).map_err(after)? {
         Message::Resumed(t) => Ok(t),
@@ -155,13 +180,24 @@ pub fn source_end<S: Write>(
     }
 }
 
-/// Destination, with everything loaded: sends `Ready` and waits for `Go`. An error (or the
-/// source's `Abandon`) means: discard the VM. The wait is bounded by the socket's read
-/// timeout, which the caller sets.
-pub fn dest_ready<S: Read + Write>(ch: &mut Channel<S>) -> Result<(), MigrationError> {
-    ch.send(&Message::Ready)?;
+fn early_ready() -> ProtocolError {
+    ProtocolError::out_of_phase(
+        MessageType::Ready,
+        "it does not answer this Complete (sent before it?)",
+    )
+}
+
+/// Destination, with everything loaded: sends `Ready` echoing the `token` of the source's
+/// `Complete` and waits for `Go`, which says whether the guest runs (an operator's pause on
+/// the source is kept). An error (or the source's `Abandon`) means: discard the VM. The wait
+/// is bounded by the socket's read timeout, which the caller sets.
+pub fn dest_ready<S: Read + Write>(
+    ch: &mut Channel<S>,
+    token: Nonce,
+) -> Result<RunState, MigrationError> {
+    ch.send(&Message::Ready { token })?;
     match ch.recv()? {
-        Message::Go => Ok(()),
+        Message::Go { guest } => Ok(guest),
         other => Err(ProtocolError::unexpected("Go", other).into()),
     }
 }

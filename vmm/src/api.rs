@@ -241,6 +241,14 @@ fn handle(cmd: &str, req: &Value, ctx: &Context) -> Value {
             ctx.exit.request(0);
             json!({ "ok": true, "state": "exiting" })
         }
+        "migrate-cancel" => {
+            let i = info(ctx);
+            if !i.running {
+                return error("no migration is running");
+            }
+            i.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            json!({ "ok": true, "status": "cancelling" })
+        }
         "pause" | "resume" | "migrate" => match lock_within(&ctx.machine, MACHINE_WAIT) {
             Some(mut m) => with_machine(cmd, req, ctx, &mut m),
             None => error(format!(

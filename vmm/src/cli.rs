@@ -58,8 +58,11 @@ pub enum Command {
         #[arg(long)]
         api_sock: PathBuf,
         /// Destination HOST:PORT (a `minivmm receive --listen`).
-        #[arg(long)]
-        to: String,
+        #[arg(long, required_unless_present = "cancel")]
+        to: Option<String>,
+        /// Cancel the migration in progress instead (the guest keeps running here).
+        #[arg(long, conflicts_with = "to")]
+        cancel: bool,
         #[command(flatten)]
         tuning: MigrationTuning,
     },

@@ -37,9 +37,13 @@ fn main() {
         Command::Receive(args) => machine::receive(&args).map_err(Into::into),
         Command::Migrate {
             api_sock,
-            to,
+            to: Some(to),
             tuning,
+            ..
         } => api::migrate_client(&api_sock, &to, &tuning).map_err(Into::into),
+        Command::Migrate { api_sock, .. } => {
+            api::client(&api_sock, "migrate-cancel", &[]).map_err(Into::into)
+        }
         Command::Ctl {
             api_sock,
             cmd,

@@ -55,3 +55,57 @@ fn a_client_that_never_reads_cannot_freeze_the_others() {
     assert_eq!(vm.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
     assert_eq!(vm.wait_exit(LIMIT).code(), Some(0));
 }
+
+/// `minivmm migrate --cancel` ends a migration in pre-copy: the source's guest runs on with
+/// every heartbeat, the destination discards what it got.
+#[test]
+fn a_cancelled_migration_leaves_the_guest_running_on_the_source() {
+    let src = Vm::spawn(&[
+        "run",
+        "--guest",
+        "dirtier",
+        "--memory",
+        "128M",
+        "--cmdline",
+        "hb_ms=20 share=50",
+    ]);
+    src.wait_line(|l| l == "HB 3", LIMIT);
+    let addr = free_addr();
+    let mut dst = Vm::spawn(&["receive", "--listen", &addr]);
+    wait_listening(&addr);
+    // 4 MiB/s: the first pass alone takes many seconds, so the cancel lands in pre-copy.
+    migrate_request(&src, &addr, r#","max_bandwidth":4194304"#);
+    let start = Instant::now();
+    while src.ctl(r#"{"cmd":"migration-status"}"#)["stats"]["status"] != "active" {
+        assert!(start.elapsed() < LIMIT, "pre-copy never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run_to_end(
+        &[
+            "migrate",
+            "--api-sock",
+            src.api.to_str().unwrap(),
+            "--cancel",
+        ],
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stats = wait_migration_end(&src);
+    assert_eq!(stats["status"], "cancelled", "{stats}");
+    assert!(
+        stats["error-desc"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancelled by the operator"),
+        "{stats}"
+    );
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    let hb = heartbeats(&src.lines()).len();
+    src.wait_line(|l| l == format!("HB {}", hb + 5), LIMIT);
+    assert_eq!(src.ctl(r#"{"cmd":"status"}"#)["state"], "running");
+    // Nothing left to cancel.
+    assert_eq!(src.ctl(r#"{"cmd":"migrate-cancel"}"#)["ok"], false);
+    let lines = src.lines();
+    no_bad(&lines);
+    assert_contiguous(&heartbeats(&lines));
+}

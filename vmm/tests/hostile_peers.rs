@@ -57,8 +57,10 @@ fn refusal(m: Option<Message>) -> String {
 fn offer(addr: &str, desc: VmDescription) -> Message {
     let mut ch = Channel::new(connect(addr));
     ch.send(&hello()).unwrap();
-    assert!(matches!(ch.recv().unwrap(), Message::HelloAck { .. }));
-    ch.send(&Message::Description(desc)).unwrap();
+    let Message::HelloAck { session, .. } = ch.recv().unwrap() else {
+        panic!("expected HelloAck")
+    };
+    ch.send(&Message::Description { session, desc }).unwrap();
     ch.recv().expect("an answer to the description")
 }
 

@@ -6,7 +6,7 @@ use std::io::{self, Read};
 
 use super::{
     DestTimings, DevicePhase, HEADER_LEN, MAGIC, MAX_TEXT_LEN, MAX_ZERO_RANGES, Message,
-    MessageType, PROTOCOL_VERSION, ProtocolError,
+    MessageType, PROTOCOL_VERSION, ProtocolError, RunState,
 };
 use crate::description::VmDescription;
 use crate::ranges::MemoryRange;
@@ -27,7 +27,7 @@ impl Header {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[4] = PROTOCOL_VERSION;
-        b[5] = 0; // flags: none defined in version 1
+        b[5] = 0; // flags: none defined yet
         b[6..8].copy_from_slice(&(self.msg_type as u16).to_le_bytes());
         b[8..16].copy_from_slice(&self.length.to_le_bytes());
         b
@@ -133,12 +133,23 @@ pub fn encode_frame(msg: &Message) -> Result<(Vec<u8>, &[u8]), ProtocolError> {
     let msg_type = msg.message_type();
     let mut w = Writer(Vec::with_capacity(64));
     let tail: &[u8] = match msg {
-        Message::Hello { version, features } | Message::HelloAck { version, features } => {
+        Message::Hello { version, features } => {
             w.u16(*version);
             w.u64(*features);
             &[]
         }
-        Message::Description(d) => {
+        Message::HelloAck {
+            version,
+            features,
+            session,
+        } => {
+            w.u16(*version);
+            w.u64(*features);
+            w.0.extend_from_slice(session);
+            &[]
+        }
+        Message::Description { session, desc: d } => {
+            w.0.extend_from_slice(session);
             let bytes = crate::state::encode(d)
                 .map_err(|e| ProtocolError::malformed(msg_type, e.to_string()))?;
             w.0.extend_from_slice(&bytes);
@@ -188,7 +199,15 @@ pub fn encode_frame(msg: &Message) -> Result<(Vec<u8>, &[u8]), ProtocolError> {
             w.u64(t.resume_us);
             &[]
         }
-        Message::Accept | Message::Complete | Message::Ready | Message::Go => &[],
+        Message::Complete { token } | Message::Ready { token } => {
+            w.0.extend_from_slice(token);
+            &[]
+        }
+        Message::Go { guest } => {
+            w.0.push(*guest as u8);
+            &[]
+        }
+        Message::Accept => &[],
     };
     let extra = match msg {
         Message::MemoryPages { len, .. } => *len,
@@ -235,8 +254,12 @@ pub fn decode_frame(header: Header, payload: &[u8]) -> Result<Message, ProtocolE
         MessageType::HelloAck => Message::HelloAck {
             version: r.u16()?,
             features: r.u64()?,
+            session: r.array()?,
         },
-        MessageType::Description => Message::Description(decode_description(r.rest())?),
+        MessageType::Description => Message::Description {
+            session: r.array()?,
+            desc: decode_description(r.rest())?,
+        },
         MessageType::Accept => Message::Accept,
         MessageType::Refuse => Message::Refuse { reason: r.text()? },
         MessageType::MemoryPages => {
@@ -267,9 +290,11 @@ pub fn decode_frame(header: Header, payload: &[u8]) -> Result<Message, ProtocolE
             device: r.text()?,
             data: r.rest().to_vec(),
         },
-        MessageType::Complete => Message::Complete,
-        MessageType::Ready => Message::Ready,
-        MessageType::Go => Message::Go,
+        MessageType::Complete => Message::Complete { token: r.array()? },
+        MessageType::Ready => Message::Ready { token: r.array()? },
+        MessageType::Go => Message::Go {
+            guest: r.run_state()?,
+        },
         MessageType::Resumed => Message::Resumed(DestTimings {
             state_load_us: r.u64()?,
             resume_us: r.u64()?,
@@ -377,6 +402,16 @@ impl<'a> Reader<'a> {
             p => Err(ProtocolError::malformed(
                 self.t,
                 format!("unknown phase {p}"),
+            )),
+        }
+    }
+    fn run_state(&mut self) -> Result<RunState, ProtocolError> {
+        match self.array::<1>()?[0] {
+            0 => Ok(RunState::Running),
+            1 => Ok(RunState::Paused),
+            s => Err(ProtocolError::malformed(
+                self.t,
+                format!("unknown run state {s}"),
             )),
         }
     }

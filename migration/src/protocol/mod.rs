@@ -13,12 +13,19 @@
 //! raw page bytes, which the receiver reads straight into guest memory (see [`Channel`]).
 //!
 //! Sequence (source S, destination D, one full-duplex connection):
-//! S→D `Hello`, D→S `HelloAck`; S→D `Description`, D→S `Accept` or `Refuse`;
+//! S→D `Hello`, D→S `HelloAck` (with the session nonce); S→D `Description` (echoing it),
+//! D→S `Accept` or `Refuse`;
 //! S→D { `MemoryPages` | `ZeroRanges` | `DeviceData` }* `IterationEnd`, repeated per pass, with
 //! D→S `DeviceAck` once a device's initial pre-copy data is loaded (switchover-ack);
 //! S→D final pass, `DeviceData`(stop-copy), `VcpuState`*, `VmState`, `DeviceState`*,
-//! `Complete`; D→S `Ready`; S→D `Go`; D→S `Resumed`. `Abandon` may go either way at any point
-//! before `Go`, and ends the migration with the source keeping the guest.
+//! `Complete` (with a switchover token); D→S `Ready` (echoing it); S→D `Go` (with the guest's
+//! run state); D→S `Resumed`. `Abandon` may go either way at any point before `Go`, and ends
+//! the migration with the source keeping the guest.
+//!
+//! Two random values bind the exchange to one live session: the destination's session nonce
+//! (so a recorded stream replayed into another destination is refused before a VM is built),
+//! and the source's switchover token (so only a `Ready` sent after the destination read
+//! `Complete` can release `Go`).
 
 mod channel;
 mod codec;
@@ -34,8 +41,30 @@ use crate::ranges::MemoryRange;
 /// "MVMM" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MVMM");
 /// The only version this build speaks; the header carries it in every frame.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version 2 added the session nonce, the switchover token and the run state in `Go`.
+pub const PROTOCOL_VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 16;
+/// Length of the session nonce and of the switchover token.
+pub const NONCE_LEN: usize = 32;
+
+/// A random value that binds messages to one live session (see the module docs).
+pub type Nonce = [u8; NONCE_LEN];
+
+/// A fresh random [`Nonce`] from the kernel's CSPRNG.
+pub fn fresh_nonce() -> std::io::Result<Nonce> {
+    use std::io::Read;
+    let mut n = [0u8; NONCE_LEN];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
+    Ok(n)
+}
+
+/// Whether the guest's vCPUs were running on the source when it was paused for switchover;
+/// the destination restores the same (an operator's pause is kept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running = 0,
+    Paused = 1,
+}
 
 /// Feature bits offered in `Hello` and granted in `HelloAck` (the intersection).
 pub mod features {
@@ -113,10 +142,13 @@ impl MessageType {
     pub fn max_payload(self) -> u64 {
         let text = 2 + MAX_TEXT_LEN as u64;
         match self {
-            Self::Hello | Self::HelloAck => 10,
-            Self::Accept | Self::Complete | Self::Ready | Self::Go => 0,
+            Self::Hello => 10,
+            Self::HelloAck => 10 + NONCE_LEN as u64,
+            Self::Accept => 0,
+            Self::Complete | Self::Ready => NONCE_LEN as u64,
+            Self::Go => 1,
             Self::IterationEnd | Self::Resumed => 16,
-            Self::Description => MAX_DESCRIPTION,
+            Self::Description => NONCE_LEN as u64 + MAX_DESCRIPTION,
             Self::Refuse | Self::Abandon | Self::DeviceAck => text,
             Self::MemoryPages => 8 + MAX_PAGES_BYTES,
             Self::ZeroRanges => 16 * MAX_ZERO_RANGES as u64,
@@ -157,8 +189,13 @@ pub enum Message {
     HelloAck {
         version: u16,
         features: u64,
+        /// The destination's fresh session nonce, which the `Description` must echo.
+        session: Nonce,
     },
-    Description(VmDescription),
+    Description {
+        session: Nonce,
+        desc: VmDescription,
+    },
     Accept,
     Refuse {
         reason: String,
@@ -193,9 +230,17 @@ pub enum Message {
         device: String,
         data: Vec<u8>,
     },
-    Complete,
-    Ready,
-    Go,
+    /// The end of the stream; `token` is fresh for this switchover.
+    Complete {
+        token: Nonce,
+    },
+    /// Echoes the token of the `Complete` it answers.
+    Ready {
+        token: Nonce,
+    },
+    Go {
+        guest: RunState,
+    },
     Resumed(DestTimings),
     Abandon {
         reason: String,
@@ -207,7 +252,7 @@ impl Message {
         match self {
             Self::Hello { .. } => MessageType::Hello,
             Self::HelloAck { .. } => MessageType::HelloAck,
-            Self::Description(_) => MessageType::Description,
+            Self::Description { .. } => MessageType::Description,
             Self::Accept => MessageType::Accept,
             Self::Refuse { .. } => MessageType::Refuse,
             Self::MemoryPages { .. } => MessageType::MemoryPages,
@@ -218,9 +263,9 @@ impl Message {
             Self::VcpuState { .. } => MessageType::VcpuState,
             Self::VmState { .. } => MessageType::VmState,
             Self::DeviceState { .. } => MessageType::DeviceState,
-            Self::Complete => MessageType::Complete,
-            Self::Ready => MessageType::Ready,
-            Self::Go => MessageType::Go,
+            Self::Complete { .. } => MessageType::Complete,
+            Self::Ready { .. } => MessageType::Ready,
+            Self::Go { .. } => MessageType::Go,
             Self::Resumed(_) => MessageType::Resumed,
             Self::Abandon { .. } => MessageType::Abandon,
         }
@@ -268,6 +313,13 @@ pub enum ProtocolError {
         expected: &'static str,
         got: MessageType,
     },
+    /// A message that is well formed but not valid in the phase it arrived in.
+    #[error("{got:?} out of phase: {reason}")]
+    OutOfPhase { got: MessageType, reason: String },
+    /// The `Description` does not echo this destination's session nonce: a recording of
+    /// another session (a replay), or a confused peer.
+    #[error("the description is not bound to this session (replayed or stale stream)")]
+    WrongSession,
     #[error("{0} bytes of page data from the previous frame were not consumed")]
     PendingPayload(u64),
     #[error("guest memory access while streaming pages: {0}")]
@@ -279,6 +331,13 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
+    pub(crate) fn out_of_phase(got: MessageType, reason: impl Into<String>) -> Self {
+        Self::OutOfPhase {
+            got,
+            reason: reason.into(),
+        }
+    }
+
     pub(crate) fn malformed(msg_type: MessageType, reason: impl Into<String>) -> Self {
         Self::Malformed {
             msg_type,

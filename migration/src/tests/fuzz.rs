@@ -7,7 +7,8 @@ use proptest::prelude::*;
 
 use crate::description::{CpuidEntry, DeviceDescription, MigrationCaps, VmDescription};
 use crate::protocol::{
-    Channel, DestTimings, DevicePhase, Header, Message, MessageType, ProtocolError, encode_frame,
+    Channel, DestTimings, DevicePhase, Header, Message, MessageType, ProtocolError, RunState,
+    encode_frame,
 };
 use crate::ranges::{MemoryRange, PAGE_SIZE};
 
@@ -94,9 +95,15 @@ fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (any::<u16>(), any::<u64>())
             .prop_map(|(version, features)| Message::Hello { version, features }),
-        (any::<u16>(), any::<u64>())
-            .prop_map(|(version, features)| Message::HelloAck { version, features }),
-        description().prop_map(Message::Description),
+        (any::<u16>(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(version, features, session)| {
+            Message::HelloAck {
+                version,
+                features,
+                session,
+            }
+        }),
+        (any::<[u8; 32]>(), description())
+            .prop_map(|(session, desc)| Message::Description { session, desc }),
         Just(Message::Accept),
         text().prop_map(|reason| Message::Refuse { reason }),
         proptest::collection::vec(range, 0..20).prop_map(Message::ZeroRanges),
@@ -111,9 +118,14 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u32>(), blob()).prop_map(|(index, data)| Message::VcpuState { index, data }),
         blob().prop_map(|data| Message::VmState { data }),
         (text(), blob()).prop_map(|(device, data)| Message::DeviceState { device, data }),
-        Just(Message::Complete),
-        Just(Message::Ready),
-        Just(Message::Go),
+        any::<[u8; 32]>().prop_map(|token| Message::Complete { token }),
+        any::<[u8; 32]>().prop_map(|token| Message::Ready { token }),
+        Just(Message::Go {
+            guest: RunState::Running
+        }),
+        Just(Message::Go {
+            guest: RunState::Paused
+        }),
         (any::<u64>(), any::<u64>()).prop_map(|(state_load_us, resume_us)| Message::Resumed(
             DestTimings {
                 state_load_us,

@@ -3,13 +3,14 @@
 
 mod fuzz;
 mod memory;
+mod phases;
 mod precopy;
 mod protocol;
 mod session;
 mod throughput;
 mod tls;
 
-use crate::protocol::{DestTimings, DevicePhase, Message};
+use crate::protocol::{DestTimings, DevicePhase, Message, RunState};
 use crate::ranges::MemoryRange;
 
 /// The description the protocol and session tests send: description.rs's own sample.
@@ -25,8 +26,12 @@ pub(crate) fn every_message() -> Vec<Message> {
         Message::HelloAck {
             version: 1,
             features: 1,
+            session: [0x5c; 32],
         },
-        Message::Description(description()),
+        Message::Description {
+            session: [0xc5; 32],
+            desc: description(),
+        },
         Message::Accept,
         Message::Refuse {
             reason: "CPUID leaf 0x7 differs ✗".into(),
@@ -64,9 +69,14 @@ pub(crate) fn every_message() -> Vec<Message> {
             device: "serial0".into(),
             data: vec![0x5a; 3 << 20],
         },
-        Message::Complete,
-        Message::Ready,
-        Message::Go,
+        Message::Complete { token: [1; 32] },
+        Message::Ready { token: [2; 32] },
+        Message::Go {
+            guest: RunState::Running,
+        },
+        Message::Go {
+            guest: RunState::Paused,
+        },
         Message::Resumed(DestTimings {
             state_load_us: 1200,
             resume_us: 80,

@@ -92,9 +92,11 @@ impl DeviceHooks for OneDevice {
     fn stop_copy_bytes(&mut self) -> u64 {
         0 // with the zero downtime limit below, anything else would never converge
     }
-    fn acked(&mut self, device: &str) {
-        assert_eq!(device, "dev0");
-        self.acked = true;
+    fn acked(&mut self, device: &str) -> Result<(), MigrationError> {
+        if device != "dev0" || std::mem::replace(&mut self.acked, true) {
+            return Err(crate::precopy::unknown_ack(device));
+        }
+        Ok(())
     }
     fn all_acked(&self) -> bool {
         self.acked
@@ -106,15 +108,15 @@ fn destination(ch: UnixStream) -> (Mem, u64) {
     let mut rx = MemoryReceiver::new(&dst, true);
     let mut ch = Channel::new(ch);
     let mut passes = 0;
-    loop {
+    let token = loop {
         match rx.recv(&dst, &mut ch).unwrap() {
             Message::IterationEnd { .. } => passes += 1,
             Message::DeviceData { device, .. } => ch.send(&Message::DeviceAck { device }).unwrap(),
-            Message::Complete => break,
+            Message::Complete { token } => break token,
             other => panic!("unexpected {other:?}"),
         }
-    }
-    dest_ready(&mut ch).unwrap();
+    };
+    dest_ready(&mut ch, token).unwrap();
     dest_confirm(&mut ch, DestTimings::default()).unwrap();
     (dst, passes)
 }
@@ -151,6 +153,7 @@ fn precopy_converges_and_final_pass_completes_the_copy() {
     let link = Link {
         ch: &mut ch,
         rp: &rp,
+        cancel: None,
     };
     let opts = options(Duration::from_secs(10));
     let end = run_precopy(&src, &mut log, link, &opts, &mut hooks, &mut stats, |p| {
@@ -163,8 +166,14 @@ fn precopy_converges_and_final_pass_completes_the_copy() {
     // "Paused" from here: the guest's last writes (pages 4, 5) arrive in the final pass.
     late.lock().unwrap().extend([4, 5]);
     final_pass(&src, &mut log, &mut ch, &pending, &opts.send, &mut stats).unwrap();
-    ch.send(&Message::Complete).unwrap();
-    source_end(&mut ch, &rp, Duration::from_secs(5), |_| {}).unwrap();
+    source_end(
+        &mut ch,
+        &rp,
+        Duration::from_secs(5),
+        crate::protocol::RunState::Running,
+        |_| Ok(()),
+    )
+    .unwrap();
     log.stop().unwrap();
 
     let (dst, passes) = dest.join().unwrap();
@@ -200,6 +209,7 @@ fn precopy_gives_up_after_the_timeout() {
     let link = Link {
         ch: &mut ch,
         rp: &rp,
+        cancel: None,
     };
     let opts = options(Duration::ZERO);
     let end = run_precopy(
@@ -212,5 +222,38 @@ fn precopy_gives_up_after_the_timeout() {
         |_| {},
     );
     assert!(matches!(end, Ok(PrecopyEnd::GaveUp)));
+    drop(b);
+}
+
+#[test]
+fn precopy_ends_after_the_pass_in_progress_when_cancelled() {
+    let src = memory();
+    let mut log = DirtyLog::new(RamSlot::of_memory(&src));
+    let (guest, late) = Guest::new(&src, vec![]);
+    late.lock().unwrap().extend([1, 2, 3]);
+    log.add(Box::new(guest));
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut ch = Channel::new(a);
+    let rp = ReturnPath::spawn(b.try_clone().unwrap()).unwrap();
+    let mut stats = MigrationStats::new(0x11_0000);
+    let cancel = std::sync::atomic::AtomicBool::new(true);
+    let link = Link {
+        ch: &mut ch,
+        rp: &rp,
+        cancel: Some(&cancel),
+    };
+    let opts = options(Duration::from_secs(10));
+    let end = run_precopy(
+        &src,
+        &mut log,
+        link,
+        &opts,
+        &mut crate::precopy::NoDevices,
+        &mut stats,
+        |_| {},
+    );
+    assert!(matches!(end, Ok(PrecopyEnd::Cancelled)), "{end:?}");
+    assert_eq!(stats.ram.dirty_sync_count, 0, "no pass after the cancel");
+    assert_eq!(stats.ram.transferred, 0, "cancelled before the first batch");
     drop(b);
 }

@@ -7,7 +7,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use super::every_message;
 use crate::protocol::{
     Channel, HEADER_LEN, Header, MAGIC, Message, MessageType, PROTOCOL_VERSION, ProtocolError,
-    encode_frame,
+    RunState, encode_frame,
 };
 use crate::ranges::MemoryRange;
 
@@ -83,14 +83,25 @@ fn discard_pending_skips_page_bytes() {
     let (head, _) = encode_frame(&Message::MemoryPages { gpa: 0, len: 5 }).unwrap();
     let mut bytes = head;
     bytes.extend_from_slice(b"12345");
-    bytes.extend(encode_frame(&Message::Go).unwrap().0);
+    bytes.extend(
+        encode_frame(&Message::Go {
+            guest: RunState::Paused,
+        })
+        .unwrap()
+        .0,
+    );
     let mut ch = Channel::new(Cursor::new(bytes));
     assert!(matches!(
         ch.recv().unwrap(),
         Message::MemoryPages { len: 5, .. }
     ));
     ch.discard_pending().unwrap();
-    assert_eq!(ch.recv().unwrap(), Message::Go);
+    assert_eq!(
+        ch.recv().unwrap(),
+        Message::Go {
+            guest: RunState::Paused
+        }
+    );
 }
 
 #[test]
@@ -100,7 +111,9 @@ fn header_checks_refuse_cleanly() {
             raw_header(0xdeadbeef, PROTOCOL_VERSION, 0, 4, 0),
             "BadMagic",
         ),
-        (raw_header(MAGIC, 2, 0, 4, 0), "UnsupportedVersion(2)"),
+        (raw_header(MAGIC, 3, 0, 4, 0), "UnsupportedVersion(3)"),
+        // Version 1 had no session nonce or switchover token.
+        (raw_header(MAGIC, 1, 0, 4, 0), "UnsupportedVersion(1)"),
         (raw_header(MAGIC, 0, 0, 4, 0), "UnsupportedVersion(0)"),
         (
             raw_header(MAGIC, PROTOCOL_VERSION, 0x80, 4, 0),
@@ -229,8 +242,8 @@ fn read_timeout_at_a_frame_boundary_is_recoverable() {
     let mut rx = Channel::new(b);
     assert!(matches!(rx.recv(), Err(ProtocolError::Timeout)));
     let mut tx = Channel::new(a);
-    tx.send(&Message::Ready).unwrap();
-    assert_eq!(rx.recv().unwrap(), Message::Ready);
+    tx.send(&Message::Ready { token: [7; 32] }).unwrap();
+    assert_eq!(rx.recv().unwrap(), Message::Ready { token: [7; 32] });
     tx.get_mut().write_all(&[0x4d]).unwrap(); // one byte of a header, then silence
     assert!(matches!(rx.recv(), Err(ProtocolError::Io(_))));
 }

@@ -6,10 +6,14 @@ use std::time::Duration;
 
 use super::description;
 use crate::MigrationError;
-use crate::protocol::{Channel, DestTimings, Message, ProtocolError, ReturnPath, features};
+use crate::protocol::{
+    Channel, DestTimings, Message, ProtocolError, ReturnPath, RunState, features,
+};
 use crate::session::{
     EndError, abandon, dest_confirm, dest_handshake, dest_ready, source_end, source_handshake,
 };
+
+const SECS_5: Duration = Duration::from_secs(5);
 
 #[test]
 fn handshake_grants_common_features_and_end_phase_confirms() {
@@ -26,8 +30,10 @@ fn handshake_grants_common_features_and_end_phase_confirms() {
             device: "sampledev0".into(),
         })
         .unwrap();
-        assert_eq!(ch.recv().unwrap(), Message::Complete);
-        dest_ready(&mut ch).unwrap();
+        let Message::Complete { token } = ch.recv().unwrap() else {
+            panic!("expected Complete")
+        };
+        assert_eq!(dest_ready(&mut ch, token).unwrap(), RunState::Paused);
         let t = DestTimings {
             state_load_us: 10,
             resume_us: 2,
@@ -39,9 +45,18 @@ fn handshake_grants_common_features_and_end_phase_confirms() {
     let granted = source_handshake(&mut ch, &description(), features::ALL).unwrap();
     assert_eq!(granted, features::SWITCHOVER_ACK);
     let rp = ReturnPath::spawn(ch.get_ref().try_clone().unwrap()).unwrap();
-    ch.send(&Message::Complete).unwrap();
     let mut acks = Vec::new();
-    let t = source_end(&mut ch, &rp, Duration::from_secs(5), |d| acks.push(d)).unwrap();
+    let t = source_end(
+        &mut ch,
+        &rp,
+        Duration::from_secs(5),
+        RunState::Paused,
+        |d| {
+            acks.push(d);
+            Ok(())
+        },
+    )
+    .unwrap();
     assert_eq!(t.state_load_us, 10);
     assert_eq!(acks, vec!["sampledev0".to_string()]);
     assert_eq!(dest.join().unwrap(), features::SWITCHOVER_ACK);
@@ -72,13 +87,12 @@ fn abandon_before_go_keeps_the_guest_on_the_source() {
     let (a, b) = UnixStream::pair().unwrap();
     let dest = thread::spawn(move || {
         let mut ch = Channel::new(b);
-        assert_eq!(ch.recv().unwrap(), Message::Complete);
+        assert!(matches!(ch.recv().unwrap(), Message::Complete { .. }));
         abandon(&mut ch, "device state did not load");
     });
     let mut ch = Channel::new(a);
     let rp = ReturnPath::spawn(ch.get_ref().try_clone().unwrap()).unwrap();
-    ch.send(&Message::Complete).unwrap();
-    let err = source_end(&mut ch, &rp, Duration::from_secs(5), |_| {}).unwrap_err();
+    let err = source_end(&mut ch, &rp, SECS_5, RunState::Running, |_| Ok(())).unwrap_err();
     assert!(matches!(
         err,
         EndError::BeforeGo(MigrationError::Protocol(ProtocolError::Abandoned(_)))
@@ -91,12 +105,16 @@ fn silence_after_go_is_reported_as_after_go() {
     let (a, b) = UnixStream::pair().unwrap();
     let dest = thread::spawn(move || {
         let mut ch = Channel::new(b);
-        dest_ready(&mut ch).unwrap();
+        let Message::Complete { token } = ch.recv().unwrap() else {
+            panic!("expected Complete")
+        };
+        dest_ready(&mut ch, token).unwrap();
         ch // keep the socket open, never confirm
     });
     let mut ch = Channel::new(a);
     let rp = ReturnPath::spawn(ch.get_ref().try_clone().unwrap()).unwrap();
-    let err = source_end(&mut ch, &rp, Duration::from_millis(100), |_| {}).unwrap_err();
+    let short = Duration::from_millis(100);
+    let err = source_end(&mut ch, &rp, short, RunState::Running, |_| Ok(())).unwrap_err();
     assert!(matches!(err, EndError::AfterGo(_)), "{err:?}");
     drop(dest.join().unwrap());
 }
@@ -140,4 +158,87 @@ fn a_malformed_description_is_refused_with_a_reason() {
     big[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let (reason, _) = refusal_of(big.to_vec());
     assert!(reason.contains("exceeds its limit"), "{reason}");
+}
+
+/// A stream that keeps a copy of everything written to it: a recording of the source.
+struct Recorder {
+    inner: UnixStream,
+    wrote: Vec<u8>,
+}
+
+impl std::io::Read for Recorder {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Write for Recorder {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.wrote.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn a_recorded_handshake_replayed_into_another_session_is_refused_before_any_vm() {
+    use std::io::Write;
+    // The original migration: accepted.
+    let (a, b) = UnixStream::pair().unwrap();
+    let first = thread::spawn(move || dest_handshake(&mut Channel::new(b), 0, |_| Ok(())));
+    let mut ch = Channel::new(Recorder {
+        inner: a,
+        wrote: Vec::new(),
+    });
+    source_handshake(&mut ch, &description(), 0).unwrap();
+    first.join().unwrap().unwrap();
+    let recording = ch.into_inner().wrote;
+
+    // The same bytes into a second destination session.
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let second = thread::spawn(move || {
+        dest_handshake(&mut Channel::new(b), 0, |_| {
+            panic!("a replayed description must not get as far as building a VM")
+        })
+    });
+    a.write_all(&recording).unwrap();
+    let mut ch = Channel::new(a);
+    assert!(matches!(ch.recv().unwrap(), Message::HelloAck { .. }));
+    match ch.recv().unwrap() {
+        Message::Refuse { reason } => assert!(reason.contains("session"), "{reason}"),
+        other => panic!("expected Refuse, got {other:?}"),
+    }
+    let err = second.join().unwrap().unwrap_err();
+    assert!(
+        matches!(err, MigrationError::Protocol(ProtocolError::WrongSession)),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn every_session_gets_a_fresh_nonce() {
+    let nonce = || {
+        let (a, b) = UnixStream::pair().unwrap();
+        let dest = thread::spawn(move || {
+            let _ = crate::session::dest_hello(&mut Channel::new(b), 0);
+        });
+        let mut ch = Channel::new(a);
+        ch.send(&Message::Hello {
+            version: 2,
+            features: 0,
+        })
+        .unwrap();
+        let Message::HelloAck { session, .. } = ch.recv().unwrap() else {
+            panic!("expected HelloAck")
+        };
+        drop(ch);
+        dest.join().unwrap();
+        session
+    };
+    let (x, y) = (nonce(), nonce());
+    assert_ne!(x, y);
+    assert_ne!(x, [0; 32]);
 }

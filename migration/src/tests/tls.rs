@@ -68,12 +68,12 @@ fn both_directions_at_once_over_one_connection() {
             assert!(n > 0, "early EOF");
             at += n;
             if acks < 100 {
-                back.send(&Message::Ready).unwrap();
+                back.send(&Message::Ready { token: [7; 32] }).unwrap();
                 acks += 1;
             }
         }
         while acks < 100 {
-            back.send(&Message::Ready).unwrap();
+            back.send(&Message::Ready { token: [7; 32] }).unwrap();
             acks += 1;
         }
         assert!(got == want, "payload corrupted");
@@ -143,7 +143,7 @@ fn plaintext_to_a_tls_destination_is_refused() {
         .unwrap();
     let srv = thread::spawn(move || MigStream::accept_tls(s, scfg));
     let mut ch = Channel::new(&mut c);
-    let _ = ch.send(&Message::Ready);
+    let _ = ch.send(&Message::Ready { token: [7; 32] });
     let e = srv.join().unwrap().err().unwrap().to_string();
     assert!(e.starts_with("TLS handshake with 127.0.0.1:"), "{e}");
 }

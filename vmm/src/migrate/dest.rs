@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use migration::MigrationError;
 use migration::description::VmDescription;
-use migration::protocol::{Channel, DestTimings, DevicePhase, Message, ProtocolError, features};
+use migration::protocol::{
+    Channel, DestTimings, DevicePhase, Message, Nonce, ProtocolError, RunState, features,
+};
 use migration::recv::MemoryReceiver;
 use migration::session::{abandon, dest_answer, dest_confirm, dest_hello, dest_ready};
 use migration::stats::{MigrationStats, Status};
@@ -396,7 +398,7 @@ fn load(
     m: &Machine,
     devs: &mut DestDevices,
     stats: &mut MigrationStats,
-) -> Result<DestTimings, DestError> {
+) -> Result<(DestTimings, Nonce), DestError> {
     let prefault = Prefault::start(&m.ram.mem);
     let mut rx = MemoryReceiver::new(&m.ram.mem, true);
     let mut snap = Snapshot {
@@ -405,13 +407,25 @@ fn load(
     };
     let mut seen = vec![false; m.vcpus.count()];
     let mut first_memory = true;
-    loop {
+    // Once state arrives the stream is in its last phase: no more memory or device data.
+    let mut in_state = false;
+    let mut vm_seen = false;
+    let token = loop {
         let msg = ch.recv()?;
         if first_memory && matches!(msg, Message::MemoryPages { .. }) {
             first_memory = false;
             fault::crash_point("memory");
             fault::corrupt_point("memory", ch.get_mut());
         }
+        let state = matches!(
+            msg,
+            Message::VcpuState { .. } | Message::VmState { .. } | Message::DeviceState { .. }
+        );
+        if in_state && !state && !matches!(msg, Message::Complete { .. } | Message::Abandon { .. })
+        {
+            return Err(out_of_phase(&msg, "after the vCPU and device state").into());
+        }
+        in_state |= state;
         match rx.handle(&m.ram.mem, ch, msg)? {
             None => {}
             Some(Message::IterationEnd { iteration, .. }) => {
@@ -425,23 +439,35 @@ fn load(
                 seen[i] = true;
                 snap.vcpus[i] = data;
             }
-            Some(Message::VmState { data }) => snap.vm = data,
+            Some(msg @ Message::VmState { .. }) if vm_seen => {
+                return Err(out_of_phase(&msg, "a second VM state").into());
+            }
+            Some(Message::VmState { data }) => {
+                vm_seen = true;
+                snap.vm = data;
+            }
+            Some(msg @ Message::DeviceState { .. }) if repeated_device(&msg, &snap) => {
+                return Err(out_of_phase(&msg, "a second state for the same device").into());
+            }
             Some(Message::DeviceState { device, data }) => snap.devices.push((device, data)),
             Some(Message::DeviceData {
                 device,
                 phase,
                 data,
             }) => device_data(ch, devs, device, phase, &data)?,
-            Some(Message::Complete) => {
+            Some(msg @ Message::Complete { .. }) if !vm_seen => {
+                return Err(out_of_phase(&msg, "before the VM state").into());
+            }
+            Some(Message::Complete { token }) => {
                 fault::crash_point("complete");
-                break;
+                break token;
             }
             Some(Message::Abandon { reason }) => {
                 return Err(DestError::Abandoned(peer_text(&reason)));
             }
             Some(other) => return Err(ProtocolError::unexpected("memory or state", other).into()),
         }
-    }
+    };
     let populated = prefault.finish();
     let c = rx.counters();
     stats.ram.normal = c.normal_pages;
@@ -458,10 +484,22 @@ fn load(
     // may run.
     snapshot::restore(m, &snap)?;
     devs.ready()?;
-    Ok(DestTimings {
+    let timings = DestTimings {
         state_load_us: t.elapsed().as_micros() as u64,
         resume_us: 0,
-    })
+    };
+    Ok((timings, token))
+}
+
+fn out_of_phase(msg: &Message, reason: &str) -> ProtocolError {
+    ProtocolError::OutOfPhase {
+        got: msg.message_type(),
+        reason: reason.into(),
+    }
+}
+
+fn repeated_device(msg: &Message, snap: &Snapshot) -> bool {
+    matches!(msg, Message::DeviceState { device, .. } if snap.devices.iter().any(|(d, _)| d == device))
 }
 
 /// Ready → wait for Go → run the vCPUs → confirm. After Go the guest is ours: a failure to
@@ -470,18 +508,23 @@ fn resume(
     ch: &mut Channel<MigStream>,
     m: &mut Machine,
     devs: &mut DestDevices,
-    mut timings: DestTimings,
+    (mut timings, token): (DestTimings, Nonce),
 ) -> Result<(), DestError> {
     fault::corrupt_point("ready", ch.get_mut());
     if fault::active("stall-ready") {
         // A peer that stays connected and says nothing: the source must time out.
         std::thread::sleep(Duration::from_secs(3600));
     }
-    dest_ready(ch)?;
+    let guest = dest_ready(ch, token)?;
     fault::crash_point("go");
     let t = Instant::now();
     devs.run();
-    m.vcpus.resume().map_err(MachineError::from)?;
+    // An operator's pause on the source is kept here.
+    if guest == RunState::Running {
+        m.vcpus.resume().map_err(MachineError::from)?;
+    } else {
+        log::info!("the guest was paused on the source; it stays paused here");
+    }
     timings.resume_us = t.elapsed().as_micros() as u64;
     if let Err(e) = dest_confirm(ch, timings) {
         log::warn!("could not confirm the resume to the source: {e}");

@@ -69,6 +69,8 @@ pub struct MigrationInfo {
     /// The last switchover sent Go and got no confirmation: the destination may be running
     /// the guest, so this side refuses to resume or migrate it again unless forced.
     pub outcome_unknown: bool,
+    /// Set by `migrate-cancel`: pre-copy ends after the pass in progress, the guest runs on.
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub type SharedInfo = Arc<Mutex<MigrationInfo>>;
@@ -111,6 +113,7 @@ pub fn spawn(
     {
         let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
         i.running = true;
+        i.cancel = Arc::default();
         i.stats = MigrationStats::default();
         i.stats.status = Status::Setup;
     }

@@ -300,13 +300,14 @@ impl DeviceHooks for SourceDevices {
         total
     }
 
-    fn acked(&mut self, device: &str) {
+    fn acked(&mut self, device: &str) -> Result<(), MigrationError> {
         match self.devs.iter_mut().find(|d| d.dev.id == device) {
-            Some(d) => {
+            Some(d) if d.in_precopy && d.initial_sent && !d.acked => {
                 log::info!("{device}: destination loaded its initial data");
                 d.acked = true;
+                Ok(())
             }
-            None => log::warn!("acknowledgement for unknown device {device}"),
+            _ => Err(migration::precopy::unknown_ack(device)),
         }
     }
 

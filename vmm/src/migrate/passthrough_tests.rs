@@ -44,7 +44,7 @@ fn precopy(src: &mut SourceDevices, dst: &mut DestDevices) -> usize {
         assert!(rounds < 100, "never acknowledged");
         for (id, data) in src.precopy_data().unwrap() {
             if data.is_empty() {
-                src.acked(&id);
+                src.acked(&id).unwrap();
             } else {
                 dst.write(&id, &data).unwrap();
             }

@@ -11,8 +11,9 @@ use migration::MigrationError;
 use migration::description::VmDescription;
 use migration::dirty::{DirtyLog, RamSlot, VmmWrites};
 use migration::policy::PolicyConfig;
+use migration::precopy::DeviceHooks;
 use migration::precopy::{Link, PrecopyEnd, PrecopyOptions, final_pass, run_precopy};
-use migration::protocol::{Channel, Message, ProtocolError, ReturnPath, features};
+use migration::protocol::{Channel, Message, ProtocolError, ReturnPath, RunState, features};
 use migration::ranges::MemoryRange;
 use migration::send::SendOptions;
 use migration::session::{EndError, abandon, source_end, source_handshake};
@@ -48,6 +49,8 @@ pub enum SourceError {
         "did not converge within {0:?} (downtime target too small for the dirty rate); the guest keeps running here"
     )]
     Timeout(Duration),
+    #[error("cancelled by the operator (migrate-cancel); the guest keeps running here")]
+    Cancelled,
     #[error(transparent)]
     End(#[from] EndError),
     #[error(transparent)]
@@ -143,7 +146,7 @@ pub fn migrate(
         if !matches!(e, SourceError::Abandoned(_)) {
             abandon(&mut run.ch, &e.to_string());
         }
-        run.stats.status = if matches!(e, SourceError::Timeout(_)) {
+        run.stats.status = if matches!(e, SourceError::Timeout(_) | SourceError::Cancelled) {
             Status::Cancelled
         } else {
             Status::Failed
@@ -204,6 +207,10 @@ pub fn after_go(e: &SourceError) -> bool {
     matches!(e, SourceError::End(EndError::AfterGo(_)))
 }
 
+fn info_lock(info: &SharedInfo) -> std::sync::MutexGuard<'_, super::MigrationInfo> {
+    info.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn publish(info: &SharedInfo, stats: &MigrationStats, progress: String, running: bool) {
     let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
     i.stats = stats.clone();
@@ -231,9 +238,11 @@ impl Run<'_> {
             max_bandwidth: self.opts.max_bandwidth,
             ..Default::default()
         };
+        let cancel = info_lock(self.info).cancel.clone();
         let link = Link {
             ch: &mut self.ch,
             rp: &self.rp,
+            cancel: Some(&cancel),
         };
         let (info, tty) = (self.info, self.tty);
         let progress = |p: &Progress| {
@@ -259,6 +268,7 @@ impl Run<'_> {
         match end {
             PrecopyEnd::SwitchOver { pending, .. } => Ok(pending),
             PrecopyEnd::GaveUp => Err(SourceError::Timeout(self.opts.timeout)),
+            PrecopyEnd::Cancelled => Err(SourceError::Cancelled),
         }
     }
 
@@ -276,7 +286,12 @@ impl Run<'_> {
         let was_paused = m.vcpus.is_paused();
         m.vcpus.pause()?;
         let paused = Instant::now();
-        match self.send_final(&m, pending, paused) {
+        let guest = if was_paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        match self.send_final(&m, pending, paused, guest) {
             Ok(()) => {
                 self.stats.set_downtime(paused.elapsed());
                 self.stats.status = Status::Completed;
@@ -304,6 +319,7 @@ impl Run<'_> {
         m: &Machine,
         pending: &[MemoryRange],
         paused: Instant,
+        guest: RunState,
     ) -> Result<(), SourceError> {
         self.devices.stop()?;
         let t_stop = paused.elapsed();
@@ -332,9 +348,11 @@ impl Run<'_> {
         for (device, data) in snap.devices {
             self.ch.send(&Message::DeviceState { device, data })?;
         }
-        self.ch.send(&Message::Complete)?;
         let t_sent = paused.elapsed();
-        let dest = source_end(&mut self.ch, &self.rp, self.opts.peer_timeout, |_| {})?;
+        let devices = &mut self.devices;
+        let dest = source_end(&mut self.ch, &self.rp, self.opts.peer_timeout, guest, |d| {
+            devices.acked(&d)
+        })?;
         let b = &mut self.stats.downtime_breakdown_us;
         b.final_memory = t_mem.as_micros() as u64;
         b.state_save = (t_save - t_dev).as_micros() as u64;
