@@ -61,7 +61,7 @@ pub enum SourceError {
     Io(#[from] std::io::Error),
 }
 
-fn lock(m: &SharedMachine) -> std::sync::MutexGuard<'_, Machine> {
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -207,12 +207,8 @@ pub fn after_go(e: &SourceError) -> bool {
     matches!(e, SourceError::End(EndError::AfterGo(_)))
 }
 
-fn info_lock(info: &SharedInfo) -> std::sync::MutexGuard<'_, super::MigrationInfo> {
-    info.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn publish(info: &SharedInfo, stats: &MigrationStats, progress: String, running: bool) {
-    let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+    let mut i = lock(info);
     i.stats = stats.clone();
     i.progress = progress;
     i.running = running;
@@ -238,7 +234,7 @@ impl Run<'_> {
             max_bandwidth: self.opts.max_bandwidth,
             ..Default::default()
         };
-        let cancel = info_lock(self.info).cancel.clone();
+        let cancel = lock(self.info).cancel.clone();
         let link = Link {
             ch: &mut self.ch,
             rp: &self.rp,
@@ -250,7 +246,7 @@ impl Run<'_> {
             if tty {
                 eprint!("\r{line}\x1b[K");
             }
-            let mut i = info.lock().unwrap_or_else(|e| e.into_inner());
+            let mut i = lock(info);
             i.progress = line;
             i.stats.status = Status::Active;
         };
