@@ -5,8 +5,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::{Cursor, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
@@ -252,4 +254,104 @@ fn a_source_bigger_than_max_memory_is_refused_and_keeps_running() {
     let hb = heartbeats(&src.lines()).len();
     let target = format!("HB {}", hb + 5);
     src.wait_line(|l| l == target, LIMIT);
+}
+
+/// A TCP proxy for one connection to `to`, keeping every byte the client sent.
+struct Recorder {
+    addr: String,
+    sent: Arc<Mutex<Vec<u8>>>,
+    thread: JoinHandle<()>,
+}
+
+fn recorder(to: &str) -> Recorder {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let log = sent.clone();
+    let to = to.to_owned();
+    let thread = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().expect("accept");
+        let mut server = TcpStream::connect(&to).expect("connect");
+        let (mut back_from, mut back_to) =
+            (server.try_clone().unwrap(), client.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from, &mut back_to);
+            let _ = back_to.shutdown(Shutdown::Write);
+        });
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n @ 1..) = client.read(&mut buf) {
+            log.lock().unwrap().extend_from_slice(&buf[..n]);
+            if server.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = server.shutdown(Shutdown::Write);
+        back.join().unwrap();
+    });
+    Recorder { addr, sent, thread }
+}
+
+/// A complete, successful migration of `dirtier` through a recorder: what the source sent.
+fn recorded_migration() -> Vec<u8> {
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[]);
+    let rec = recorder(&addr);
+    let mut args = dirtier_args("hb_ms=20 share=50");
+    args.extend(["--migrate-to".into(), rec.addr.clone()]);
+    args.extend(["--migrate-after".into(), "1".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut src = Vm::spawn(&args);
+    assert_eq!(src.wait_exit(LIMIT).code(), Some(0), "{}", src.stderr());
+    verify_migrated(&mut src, &mut dst);
+    rec.thread.join().unwrap();
+    Arc::try_unwrap(rec.sent).unwrap().into_inner().unwrap()
+}
+
+/// A recording of a real migration replayed into another destination is refused before a
+/// VM is built (its Description carries the first destination's session nonce), and the
+/// destination waits on. Its description, echoing the new nonce, is accepted; a peer that
+/// then trickles a frame, each byte inside the read timeout, is still cut off, since the
+/// whole frame is due within --peer-timeout.
+#[test]
+fn a_replayed_migration_is_refused_and_a_trickler_after_the_handshake_is_timed_out() {
+    let recording = recorded_migration();
+    let addr = free_addr();
+    let mut dst = destination(&addr, &["--peer-timeout", "2"]);
+    let mut s = connect(&addr);
+    // The destination may hang up part-way through the recording.
+    let _ = s.write_all(&recording);
+    let mut ch = Channel::new(s);
+    assert!(matches!(ch.recv().unwrap(), Message::HelloAck { .. }));
+    let reason = refusal(ch.recv().ok());
+    assert!(reason.contains("not bound to this session"), "{reason}");
+    let err = dst.wait_stderr("dropped the connection from 127.0.0.1", LIMIT);
+    assert!(dst.running(), "{err}");
+
+    let mut old = Channel::new(Cursor::new(recording));
+    assert!(matches!(old.recv().unwrap(), Message::Hello { .. }));
+    let Message::Description { desc, .. } = old.recv().unwrap() else {
+        panic!("the recording's second message is not its Description")
+    };
+    let mut ch = Channel::new(connect(&addr));
+    ch.send(&hello()).unwrap();
+    let Message::HelloAck { session, .. } = ch.recv().unwrap() else {
+        panic!("expected HelloAck")
+    };
+    ch.send(&Message::Description { session, desc }).unwrap();
+    let answer = ch.recv().unwrap();
+    assert!(matches!(answer, Message::Accept), "{answer:?}");
+    let (head, _) =
+        migration::protocol::encode_frame(&Message::MemoryPages { gpa: 0, len: 4096 }).unwrap();
+    let mut w = ch.into_inner();
+    w.write_all(&head).unwrap();
+    // A byte a second, each read inside the 2 s timeout: cut off while still trickling.
+    let cut_off = (0..30).any(|_| {
+        std::thread::sleep(Duration::from_secs(1));
+        w.write_all(&[0x5a]).is_err() || !dst.running()
+    });
+    assert!(cut_off, "a 30 s trickle was still being read");
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    let err = error_text(&dst.stderr());
+    assert!(err.contains("timed out after 2 s"), "{err}");
+    assert!(!err.contains("os error"), "{err}");
 }

@@ -3,8 +3,11 @@
 //! the socket straight into guest memory, so no user-space buffer may hold them back.
 
 use std::io::{ErrorKind, Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use vm_memory::VolatileMemoryError;
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::volatile_memory::VolatileSlice;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, ReadVolatile, WriteVolatile,
 };
@@ -19,8 +22,11 @@ pub struct Channel<S> {
     pending: Option<MemoryRange>,
     bytes_written: u64,
     bytes_read: u64,
-    /// The stream's read/write timeout, so an expiry reads "timed out after N s".
+    /// The stream's read/write timeout, so an expiry reads "timed out after N s"; it also
+    /// bounds how long one frame may take once its first byte is in.
     timeout: Option<Duration>,
+    /// When the first byte of the frame being read arrived.
+    frame_started: Option<Instant>,
 }
 
 impl<S> Channel<S> {
@@ -31,11 +37,15 @@ impl<S> Channel<S> {
             bytes_written: 0,
             bytes_read: 0,
             timeout: None,
+            frame_started: None,
         }
     }
 
     /// Names the timeout the caller set on the stream: any expiry of it is then reported as
     /// [`ProtocolError::TimedOut`] (a retry-able `Timeout` at a frame boundary included).
+    /// It becomes a deadline per frame too: a peer that trickles bytes, each read just inside
+    /// the socket timeout, is cut off once a frame has taken longer than `timeout` (noticed
+    /// at its next byte, so at worst after twice the timeout).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -144,14 +154,24 @@ impl<S: Read> Channel<S> {
         if let Some(p) = self.pending {
             return Err(ProtocolError::PendingPayload(p.len));
         }
-        let header = read_header(&mut self.stream)?;
+        self.frame_started = None;
+        let header = read_header(&mut self.frame())?;
         self.bytes_read += HEADER_LEN as u64;
         if header.msg_type == MessageType::MemoryPages {
             return self.recv_pages_header(header.length);
         }
-        let payload = read_exact_bounded(&mut self.stream, header.length)?;
+        let payload = read_exact_bounded(&mut self.frame(), header.length)?;
         self.bytes_read += header.length;
         decode_frame(header, &payload)
+    }
+
+    /// The stream as the reader of the current frame, under its deadline.
+    fn frame(&mut self) -> FrameReader<'_, S> {
+        FrameReader {
+            inner: &mut self.stream,
+            limit: self.timeout,
+            started: &mut self.frame_started,
+        }
     }
 
     fn recv_pages_header(&mut self, length: u64) -> Result<Message, ProtocolError> {
@@ -159,7 +179,7 @@ impl<S: Read> Channel<S> {
         let len = length
             .checked_sub(8)
             .ok_or_else(|| ProtocolError::malformed(t, "shorter than its gpa"))?;
-        let raw = read_exact_bounded(&mut self.stream, 8)?;
+        let raw = read_exact_bounded(&mut self.frame(), 8)?;
         let mut gpa = [0u8; 8];
         gpa.copy_from_slice(&raw);
         let range = MemoryRange::new(u64::from_le_bytes(gpa), len);
@@ -183,7 +203,7 @@ impl<S: Read> Channel<S> {
 
     fn discard_raw(&mut self) -> Result<(), ProtocolError> {
         if let Some(p) = self.pending.take() {
-            let copied = std::io::copy(&mut (&mut self.stream).take(p.len), &mut std::io::sink())?;
+            let copied = std::io::copy(&mut self.frame().take(p.len), &mut std::io::sink())?;
             self.bytes_read += copied;
             if copied != p.len {
                 return Err(ProtocolError::Truncated {
@@ -232,7 +252,7 @@ impl<S: Read + ReadVolatile> Channel<S> {
         let mut done = 0;
         while done < len {
             let at = GuestAddress(p.gpa + done as u64);
-            match mem.read_volatile_from(at, &mut self.stream, len - done) {
+            match mem.read_volatile_from(at, &mut self.frame(), len - done) {
                 Ok(0) => {
                     return Err(ProtocolError::Truncated {
                         expected: p.len,
@@ -248,5 +268,49 @@ impl<S: Read + ReadVolatile> Channel<S> {
             }
         }
         Ok(())
+    }
+}
+
+/// Reads of one frame, failing with `TimedOut` once the frame has taken longer than `limit`
+/// since its first byte.
+struct FrameReader<'a, S> {
+    inner: &'a mut S,
+    limit: Option<Duration>,
+    started: &'a mut Option<Instant>,
+}
+
+impl<S> FrameReader<'_, S> {
+    fn check(&self) -> std::io::Result<()> {
+        match (self.limit, *self.started) {
+            (Some(limit), Some(t0)) if t0.elapsed() > limit => Err(ErrorKind::TimedOut.into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn note(&mut self, n: usize) {
+        if n > 0 && self.started.is_none() {
+            *self.started = Some(Instant::now());
+        }
+    }
+}
+
+impl<S: Read> Read for FrameReader<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.check()?;
+        let n = self.inner.read(buf)?;
+        self.note(n);
+        Ok(n)
+    }
+}
+
+impl<S: ReadVolatile> ReadVolatile for FrameReader<'_, S> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        self.check().map_err(VolatileMemoryError::IOError)?;
+        let n = self.inner.read_volatile(buf)?;
+        self.note(n);
+        Ok(n)
     }
 }

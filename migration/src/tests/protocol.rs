@@ -311,3 +311,60 @@ fn a_named_timeout_reads_as_timed_out_after_n_s() {
     assert_eq!(e, "timed out after 7 s");
     assert!(!e.contains("os error"));
 }
+
+/// Writes `bytes` one at a time, `gap` apart, until the reader hangs up.
+fn trickle(mut w: UnixStream, bytes: Vec<u8>, gap: Duration) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for b in bytes {
+            if w.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(gap);
+        }
+    })
+}
+
+#[test]
+fn a_frame_trickled_inside_the_read_timeout_is_cut_off_at_its_deadline() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let limit = Duration::from_millis(600);
+    b.set_read_timeout(Some(limit)).unwrap();
+    let mut rx = Channel::new(b).with_timeout(limit);
+    // 24 header bytes + a reason, 150 ms apart: every read succeeds, the frame takes > 4 s.
+    let msg = Message::Refuse {
+        reason: "slowly".into(),
+    };
+    let (head, tail) = encode_frame(&msg).unwrap();
+    let bytes = [head.as_slice(), tail].concat();
+    let writer = trickle(a, bytes, Duration::from_millis(150));
+    let start = Instant::now();
+    let e = rx.recv().unwrap_err();
+    let took = start.elapsed();
+    assert!(matches!(e, ProtocolError::TimedOut(_)), "{e:?}");
+    assert!(took < 2 * limit + Duration::from_millis(300), "{took:?}");
+    drop(rx);
+    writer.join().unwrap();
+}
+
+#[test]
+fn page_data_trickled_inside_the_read_timeout_is_cut_off_too() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let limit = Duration::from_millis(600);
+    b.set_read_timeout(Some(limit)).unwrap();
+    let mut rx = Channel::new(b).with_timeout(limit);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+    let (head, _) = encode_frame(&Message::MemoryPages {
+        gpa: 0,
+        len: 0x1000,
+    })
+    .unwrap();
+    let mut tx = a.try_clone().unwrap();
+    tx.write_all(&head).unwrap();
+    let writer = trickle(a, vec![0x5a; 0x1000], Duration::from_millis(150));
+    assert!(matches!(rx.recv().unwrap(), Message::MemoryPages { .. }));
+    let e = rx.recv_memory(&mem).unwrap_err();
+    assert!(e.is_timeout(), "{e:?}");
+    assert_eq!(e.to_string(), "timed out after 0.6 s");
+    drop(rx);
+    writer.join().unwrap();
+}
