@@ -467,3 +467,75 @@ fn a_stalled_destination_before_go_times_out_and_status_stays_responsive() {
     assert!(!err.contains("os error 11"), "{err}");
     assert_source_unharmed(&mut src, before);
 }
+
+/// A destination told Go that stays connected and never confirms: the source times out
+/// within its --peer-timeout and stays paused, since the guest may run over there.
+#[test]
+fn a_stalled_destination_after_go_leaves_the_source_paused() {
+    let (src, _) = running_source();
+    let addr = free_addr();
+    let _dst = destination(&addr, &[("MINIVMM_FAULT", "stall-go")]);
+    migrate_request(&src, &addr, r#","peer_timeout":3"#);
+    let stats = wait_migration_end(&src);
+    assert_eq!(stats["status"], "failed", "{stats}");
+    let err = stats["error-desc"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("after go") && err.contains("timed out after 3 s"),
+        "{err}"
+    );
+    assert_eq!(src.ctl(r#"{"cmd":"status"}"#)["state"], "paused");
+    let hb = heartbeats(&src.lines()).len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(heartbeats(&src.lines()).len(), hb);
+    assert_eq!(src.ctl(r#"{"cmd":"resume"}"#)["ok"], false);
+}
+
+/// A source that goes silent mid-migration, connection open: the destination gives up
+/// within its --peer-timeout with one line; the source, back, finds it gone and runs on.
+#[test]
+fn a_stalled_source_before_go_is_timed_out_by_the_destination() {
+    let args = dirtier("1", "");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut src = Vm::spawn_env(&args, &[("MINIVMM_FAULT", "stall-precopy")]);
+    src.wait_line(|l| l == "HB 3", LIMIT);
+    let before = src.threads_and_fds();
+    let addr = free_addr();
+    let mut dst = Vm::spawn(&["receive", "--listen", &addr, "--peer-timeout", "2"]);
+    wait_listening(&addr);
+    migrate_request(&src, &addr, "");
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    let line = one_line(&dst.stderr());
+    assert!(line.contains("timed out after 2 s"), "{line}");
+    assert!(!line.contains("os error"), "{line}");
+    assert_eq!(wait_migration_end(&src)["status"], "failed");
+    assert_source_unharmed(&mut src, before);
+}
+
+/// An operator's pause travels with the guest: it stays paused on the destination until
+/// resumed there, and then runs on with every page and heartbeat.
+#[test]
+fn a_paused_guest_stays_paused_on_the_destination() {
+    let (mut src, _) = running_source();
+    assert_eq!(src.ctl(r#"{"cmd":"pause"}"#)["ok"], true);
+    let addr = free_addr();
+    let mut dst = destination(&addr, &[]);
+    migrate_request(&src, &addr, "");
+    assert_eq!(src.wait_exit(LIMIT).code(), Some(0), "{}", src.stderr());
+    assert_eq!(dst.ctl(r#"{"cmd":"status"}"#)["state"], "paused");
+    let hb = heartbeats(&joined_lines(&src, &dst)).len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(heartbeats(&joined_lines(&src, &dst)).len(), hb);
+    assert_eq!(dst.ctl(r#"{"cmd":"resume"}"#)["ok"], true);
+    let passes = src
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("PASS "))
+        .count();
+    let want = format!("PASS {} ok", passes + 2);
+    dst.wait_line(|l| l.starts_with(&want), LIMIT);
+    assert_eq!(dst.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert_eq!(dst.wait_exit(LIMIT).code(), Some(0), "{}", dst.stderr());
+    let all = joined_lines(&src, &dst);
+    no_bad(&all);
+    assert_contiguous(&heartbeats(&all));
+}

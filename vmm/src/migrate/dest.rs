@@ -517,6 +517,10 @@ fn resume(
     }
     let guest = dest_ready(ch, token)?;
     fault::crash_point("go");
+    if fault::active("stall-go") {
+        // Told Go, connected, never confirming: the source must time out and stay paused.
+        std::thread::sleep(Duration::from_secs(3600));
+    }
     let t = Instant::now();
     devs.run();
     // An operator's pause on the source is kept here.

@@ -28,8 +28,9 @@ pub fn corrupt_point(point: &str, peer: &mut impl Write) {
     }
 }
 
-/// Whether the behaviour fault `point` (no crash, no frame: e.g. `skip-dma-log`, or
-/// `stall-ready`, a destination that never says Ready) is asked for.
+/// Whether the behaviour fault `point` (no crash, no frame: e.g. `skip-dma-log`;
+/// `stall-ready`, a destination that never says Ready; `stall-go`, one that never confirms
+/// Go; `stall-precopy`, a source silent for 5 s after pre-copy) is asked for.
 pub fn active(point: &str) -> bool {
     wanted().as_deref() == Some(point)
 }

@@ -261,6 +261,10 @@ impl Run<'_> {
         )
         .map_err(abandoned)?;
         super::fault::corrupt_point("precopy", self.ch.get_mut());
+        if super::fault::active("stall-precopy") {
+            // Silent for a while, connection open: the destination must time out first.
+            std::thread::sleep(Duration::from_secs(5));
+        }
         match end {
             PrecopyEnd::SwitchOver { pending, .. } => Ok(pending),
             PrecopyEnd::GaveUp => Err(SourceError::Timeout(self.opts.timeout)),
