@@ -110,8 +110,18 @@ impl DmaSpace {
                 m.address, m.size
             )));
         };
-        if !m.offset.is_multiple_of(page_size()) || !(m.prot.readable() || m.prot.writable()) {
-            return Err(Refusal::inval("unaligned file offset or no access rights"));
+        let page = page_size();
+        if ![m.address, m.size, m.offset]
+            .iter()
+            .all(|v| v.is_multiple_of(page))
+        {
+            return Err(Refusal::inval(format!(
+                "DMA range {:#x}+{:#x} (file offset {:#x}) is not page-aligned",
+                m.address, m.size, m.offset
+            )));
+        }
+        if !(m.prot.readable() || m.prot.writable()) {
+            return Err(Refusal::inval("DMA mapping without access rights"));
         }
         if self.maps.len() >= MAX_DMA_MAPS {
             return Err(Refusal::new(libc::ENOSPC, "too many DMA mappings"));
@@ -230,9 +240,10 @@ fn check_backing(file: &File, offset: u64, size: u64) -> Result<(), Refusal> {
     // SAFETY: F_GET_SEALS only reads the fd's seal set.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-        log::info!(
-            "DMA file is not sealed against shrinking; a client truncating it would crash us"
-        );
+        return Err(Refusal::new(
+            libc::EPERM,
+            "DMA fd is not a memfd sealed with F_SEAL_SHRINK: a client truncating it would crash the device",
+        ));
     }
     Ok(())
 }
@@ -251,11 +262,16 @@ mod tests {
     pub fn memfd(size: u64) -> File {
         let name = c"sampledev-test";
         // SAFETY: memfd_create with a valid C string; the returned fd is owned by the File.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         assert!(fd >= 0);
         // SAFETY: fd was just created and is owned by nobody else.
         let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         f.set_len(size).unwrap();
+        // SAFETY: F_ADD_SEALS only changes the seal set of the fd just created.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        assert_eq!(r, 0);
         f
     }
 
@@ -295,11 +311,11 @@ mod tests {
         let over = DmaMap {
             prot: DmaProt::READ,
             offset: 0,
-            address: 0x800,
+            address: 0,
             size: 0x1000,
         };
         assert_eq!(s.map(&over, g.into()).unwrap_err().errno, libc::EEXIST);
-        assert_eq!(s.unmap(0, 0x800).unwrap_err().errno, libc::ENOENT);
+        assert_eq!(s.unmap(0, 0x2000).unwrap_err().errno, libc::ENOENT);
         s.unmap(0, 0x1000).unwrap();
         assert!(s.check(0, 1, false).is_err());
     }
@@ -315,5 +331,40 @@ mod tests {
             size: 0x2000,
         };
         assert_eq!(s.map(&m, f.into()).unwrap_err().errno, libc::EINVAL);
+    }
+
+    #[test]
+    fn unaligned_ranges_are_refused() {
+        let mut s = DmaSpace::default();
+        for (address, size) in [(0x800, 0x1000), (0, 0x800), (0x1000, 0x1001)] {
+            let m = DmaMap {
+                prot: DmaProt::READ_WRITE,
+                offset: 0,
+                address,
+                size,
+            };
+            let e = s.map(&m, memfd(0x2000).into()).unwrap_err();
+            assert_eq!(e.errno, libc::EINVAL, "{address:#x}+{size:#x}");
+            assert!(e.why.contains("page-aligned"), "{}", e.why);
+        }
+    }
+
+    #[test]
+    fn a_file_that_can_shrink_is_refused() {
+        // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd was just created and is owned by nobody else.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(0x1000).unwrap();
+        let m = DmaMap {
+            prot: DmaProt::READ_WRITE,
+            offset: 0,
+            address: 0,
+            size: 0x1000,
+        };
+        let e = DmaSpace::default().map(&m, f.into()).unwrap_err();
+        assert_eq!(e.errno, libc::EPERM);
+        assert!(e.why.contains("F_SEAL_SHRINK"), "{}", e.why);
     }
 }

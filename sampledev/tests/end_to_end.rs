@@ -263,3 +263,35 @@ fn large_state_is_readable_anywhere() {
     wr(&c, REG_STATE_WINDOW_DATA, 0xabcd);
     assert_eq!(rd(&c, REG_STATE_WINDOW_DATA), 0xabcd);
 }
+
+/// RAM a client could shrink under the device's mappings (a SIGBUS there) and ranges that
+/// are not whole pages are refused; the device serves on, and a sealed map still works.
+#[test]
+fn unsealed_or_unaligned_dma_maps_are_refused() {
+    use std::os::fd::FromRawFd;
+    let srv = Server::start("64K");
+    let c = srv.connect();
+    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
+    let fd = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd was just created and nothing else owns it.
+    let loose = unsafe { std::fs::File::from_raw_fd(fd) };
+    loose.set_len(RAM_SIZE).unwrap();
+    let e = c
+        .dma_map(RAM_IOVA, RAM_SIZE, loose.as_fd(), 0, DmaProt::READ_WRITE)
+        .unwrap_err();
+    assert_eq!(e.errno(), Some(libc::EPERM), "{e}");
+    let ram = memfd(RAM_SIZE);
+    for (iova, size) in [(RAM_IOVA + 0x800, 0x1000), (RAM_IOVA, 0x1800)] {
+        let e = c
+            .dma_map(iova, size, ram.as_fd(), 0, DmaProt::READ_WRITE)
+            .unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EINVAL), "{iova:#x}+{size:#x}: {e}");
+    }
+    c.dma_map(RAM_IOVA, RAM_SIZE, ram.as_fd(), 0, DmaProt::READ_WRITE)
+        .unwrap();
+    enable_function(&c);
+    start(&c, CMD_FILL, 0, RAM_IOVA, 64, 9);
+    wait_idle(&c);
+    assert_eq!(error_code(&c), 0);
+}

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -123,11 +123,20 @@ impl Drop for Server {
 
 pub fn memfd(size: u64) -> File {
     // SAFETY: memfd_create with a valid C string; the new fd is owned by the File below.
-    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(fd >= 0);
     // SAFETY: fd was just created and nothing else owns it.
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(size).unwrap();
+    // Sealed as a VMM's RAM must be for sampledev to take it.
+    // SAFETY: F_ADD_SEALS only changes the seal set of the fd just created.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+    assert_eq!(r, 0);
     f
 }
 
