@@ -53,6 +53,9 @@ pub struct Cli {
     /// Sleep this many milliseconds before each STOP_COPY data read.
     #[arg(long, value_name = "MS")]
     pub slow_stop_copy: Option<u64>,
+    /// Sleep this many milliseconds before answering each BAR0 access.
+    #[arg(long, value_name = "MS")]
+    pub slow_bar: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -94,6 +97,7 @@ impl Cli {
         o.dirty_log = !self.no_dirty_log;
         o.corrupt_stream = self.corrupt_stream;
         o.slow_stop_copy = self.slow_stop_copy.map(Duration::from_millis);
+        o.slow_bar = self.slow_bar.map(Duration::from_millis);
         if let Some((from, to)) = self.fail_arc {
             if !is_direct_arc(from, to, o.fsm_flags()) {
                 return Err(format!(

@@ -107,6 +107,13 @@ impl Device {
         irqs::irq_info(index, self.opts.irq)
     }
 
+    /// `--slow-bar`: a device that takes its time to answer the guest.
+    fn slow_down(&self, index: u32) {
+        if let (VFIO_PCI_BAR0_REGION_INDEX, Some(d)) = (index, self.opts.slow_bar) {
+            std::thread::sleep(d);
+        }
+    }
+
     pub fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), Refusal> {
         check_access(
             index,
@@ -115,6 +122,7 @@ impl Device {
             VFIO_REGION_INFO_FLAG_READ,
             self.v1(),
         )?;
+        self.slow_down(index);
         if index == V1_REGION_INDEX {
             return self.v1_read(offset, buf);
         }
@@ -136,6 +144,7 @@ impl Device {
             VFIO_REGION_INFO_FLAG_WRITE,
             self.v1(),
         )?;
+        self.slow_down(index);
         if index == V1_REGION_INDEX {
             return self.v1_write(offset, data);
         }

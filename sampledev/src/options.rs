@@ -47,6 +47,8 @@ pub struct DeviceOptions {
     pub corrupt_stream: bool,
     /// Sleep this long before serving each MIG_DATA_READ in STOP_COPY.
     pub slow_stop_copy: Option<Duration>,
+    /// Sleep this long before answering each BAR0 access (a device that is slow to answer).
+    pub slow_bar: Option<Duration>,
 }
 
 impl DeviceOptions {
@@ -61,6 +63,7 @@ impl DeviceOptions {
             fail_arc: None,
             corrupt_stream: false,
             slow_stop_copy: None,
+            slow_bar: None,
         }
     }
 

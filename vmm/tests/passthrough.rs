@@ -119,3 +119,31 @@ fn kernel_vfio_without_dev_vfio_is_a_clear_error() {
     ]);
     assert!(err.contains("--vfio"), "{err}");
 }
+
+/// A device that answers every BAR access 15 ms late never errs, yet stalls the vCPU each
+/// time: minivmm says so once, with the latency, and the guest still completes.
+#[test]
+fn a_consistently_slow_device_is_reported_once() {
+    let dev = SampleDev::spawn(&["--state-size", "1M", "--slow-bar", "15"]);
+    let out = run_to_end(&dmatest_args(dev.path(), "rounds=2 bufs=2"), LIMIT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("DMATEST verify ok"), "{stdout}");
+    let reports: Vec<&str> = stderr.lines().filter(|l| l.contains("is slow")).collect();
+    assert_eq!(reports.len(), 1, "{stderr}");
+    assert!(
+        reports[0].contains(dev.path()) && reports[0].contains("accesses in a row took over 10 ms"),
+        "{}",
+        reports[0]
+    );
+}
+
+#[test]
+fn a_device_at_normal_speed_is_not_reported_slow() {
+    let dev = SampleDev::spawn(&["--state-size", "1M"]);
+    let out = run_to_end(&dmatest_args(dev.path(), "rounds=2 bufs=2"), LIMIT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("is slow"), "{stderr}");
+}

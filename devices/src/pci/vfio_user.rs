@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vfio_user::vfio::{
     VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
@@ -20,6 +21,7 @@ use super::vfio_backend::{
 
 pub struct VfioUserBackend {
     client: Client,
+    slow: SlowWatch,
 }
 
 impl VfioUserBackend {
@@ -27,11 +29,15 @@ impl VfioUserBackend {
     pub fn connect(socket: &Path) -> Result<Self> {
         Ok(VfioUserBackend {
             client: Client::connect(socket)?,
+            slow: SlowWatch::new(socket.display().to_string()),
         })
     }
 
     pub fn from_client(client: Client) -> Self {
-        VfioUserBackend { client }
+        VfioUserBackend {
+            client,
+            slow: SlowWatch::new("(connected client)".into()),
+        }
     }
 
     /// The client, for commands the trait does not cover yet (device migration).
@@ -87,11 +93,17 @@ impl VfioBackend for VfioUserBackend {
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<()> {
-        Ok(self.client.region_read(index, offset, data)?)
+        let t = Instant::now();
+        let r = self.client.region_read(index, offset, data);
+        self.slow.note(t.elapsed());
+        Ok(r?)
     }
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
-        Ok(self.client.region_write(index, offset, data)?)
+        let t = Instant::now();
+        let r = self.client.region_write(index, offset, data);
+        self.slow.note(t.elapsed());
+        Ok(r?)
     }
 
     fn irq_info(&mut self, index: u32) -> Result<VfioIrqInfo> {
@@ -219,5 +231,78 @@ impl VfioBackend for VfioUserBackend {
 
     fn dma_logging_stop(&mut self) -> Result<()> {
         Ok(self.client.dma_logging_stop()?)
+    }
+}
+
+/// An access slower than this holds its vCPU long enough for a guest to notice.
+const SLOW_ACCESS: Duration = Duration::from_millis(10);
+/// Slow accesses in a row that make a device "consistently slow".
+const SLOW_STREAK: u32 = 8;
+
+/// Region accesses wait for the server's reply with the vCPU that made them held, and a server
+/// answering just inside the client's timeout is never an error: this tells the operator, once,
+/// that a device is consistently slow, and how slow.
+struct SlowWatch {
+    socket: String,
+    streak: u32,
+    worst: Duration,
+    reported: bool,
+}
+
+impl SlowWatch {
+    fn new(socket: String) -> Self {
+        SlowWatch {
+            socket,
+            streak: 0,
+            worst: Duration::ZERO,
+            reported: false,
+        }
+    }
+
+    /// Notes one access; true when this one completed the streak that gets reported.
+    fn note(&mut self, took: Duration) -> bool {
+        if took < SLOW_ACCESS {
+            self.streak = 0;
+            self.worst = Duration::ZERO;
+            return false;
+        }
+        self.streak += 1;
+        self.worst = self.worst.max(took);
+        if self.reported || self.streak < SLOW_STREAK {
+            return false;
+        }
+        self.reported = true;
+        log::warn!(
+            "vfio-user device {} is slow: {} accesses in a row took over {} ms each \
+             (the latest {:.1} ms, the slowest {:.1} ms); each holds the vCPU that made it",
+            self.socket,
+            self.streak,
+            SLOW_ACCESS.as_millis(),
+            took.as_secs_f64() * 1e3,
+            self.worst.as_secs_f64() * 1e3,
+        );
+        true
+    }
+}
+
+#[cfg(test)]
+mod slow_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_streak_of_slow_accesses_is_reported_and_only_once() {
+        let mut w = SlowWatch::new("s".into());
+        let slow = Duration::from_millis(30);
+        // Slow accesses broken up by a fast one are not a streak.
+        for _ in 0..3 {
+            for _ in 0..SLOW_STREAK - 1 {
+                assert!(!w.note(slow));
+            }
+            assert!(!w.note(Duration::from_micros(50)));
+        }
+        let reports: usize = (0..3 * SLOW_STREAK)
+            .map(|_| usize::from(w.note(slow)))
+            .sum();
+        assert_eq!(reports, 1);
     }
 }
