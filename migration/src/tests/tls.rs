@@ -11,7 +11,7 @@ use crate::certs::{CertsSpec, write_test_certs};
 use crate::protocol::{Channel, Message};
 use crate::transport::{MigStream, TlsDir, TlsError};
 
-fn certs(dir: &Path, expired: bool) {
+pub(super) fn certs(dir: &Path, expired: bool) {
     let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
     let spec = CertsSpec {
         hosts: &hosts,
@@ -33,7 +33,7 @@ fn pair() -> (TcpStream, TcpStream) {
 }
 
 /// Handshakes with `client` and `server` identities; returns both results.
-fn handshake(
+pub(super) fn handshake(
     client: &Path,
     server: &Path,
 ) -> (Result<MigStream, TlsError>, Result<MigStream, TlsError>) {
