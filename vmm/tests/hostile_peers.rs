@@ -291,6 +291,17 @@ fn recorder(to: &str) -> Recorder {
     Recorder { addr, sent, thread }
 }
 
+/// Resident memory of a process, guest RAM (shared memory) included.
+fn rss_bytes(vm: &Vm) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id())).unwrap();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS");
+    kib << 10
+}
+
 /// A complete, successful migration of `dirtier` through a recorder: what the source sent.
 fn recorded_migration() -> Vec<u8> {
     let addr = free_addr();
@@ -309,7 +320,8 @@ fn recorded_migration() -> Vec<u8> {
 
 /// A recording of a real migration replayed into another destination is refused before a
 /// VM is built (its Description carries the first destination's session nonce), and the
-/// destination waits on. Its description, echoing the new nonce, is accepted; a peer that
+/// destination waits on. Its description, echoing the new nonce and claiming 1 GiB, is
+/// accepted without the destination allocating that RAM ahead of any page; a peer that
 /// then trickles a frame, each byte inside the read timeout, is still cut off, since the
 /// whole frame is due within --peer-timeout.
 #[test]
@@ -329,9 +341,11 @@ fn a_replayed_migration_is_refused_and_a_trickler_after_the_handshake_is_timed_o
 
     let mut old = Channel::new(Cursor::new(recording));
     assert!(matches!(old.recv().unwrap(), Message::Hello { .. }));
-    let Message::Description { desc, .. } = old.recv().unwrap() else {
+    let Message::Description { mut desc, .. } = old.recv().unwrap() else {
         panic!("the recording's second message is not its Description")
     };
+    // A bigger VM than the one recorded: 1 GiB that no page will ever arrive for.
+    desc.ram = vec![MemoryRange::new(0, 1 << 30)];
     let mut ch = Channel::new(connect(&addr));
     ch.send(&hello()).unwrap();
     let Message::HelloAck { session, .. } = ch.recv().unwrap() else {
@@ -340,6 +354,14 @@ fn a_replayed_migration_is_refused_and_a_trickler_after_the_handshake_is_timed_o
     ch.send(&Message::Description { session, desc }).unwrap();
     let answer = ch.recv().unwrap();
     assert!(matches!(answer, Message::Accept), "{answer:?}");
+    // Prefaulting runs only a lead (256 MiB) ahead of the pages received.
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = rss_bytes(&dst);
+    assert!(
+        rss < 400 << 20,
+        "{} MiB resident for no page received",
+        rss >> 20
+    );
     let (head, _) =
         migration::protocol::encode_frame(&Message::MemoryPages { gpa: 0, len: 4096 }).unwrap();
     let mut w = ch.into_inner();

@@ -412,6 +412,9 @@ fn load(
     let mut vm_seen = false;
     let token = loop {
         let msg = ch.recv()?;
+        if let Message::MemoryPages { len, .. } = msg {
+            prefault.allow(len);
+        }
         if first_memory && matches!(msg, Message::MemoryPages { .. }) {
             first_memory = false;
             fault::crash_point("memory");
