@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -680,14 +681,38 @@ def qemu_accel(procs):
         procs.kill(p)
 
 
+# QEMU's tls-creds-x509 file names for each side of a `minivmm certs` directory.
+QEMU_TLS_FILES = {
+    "server": ("destination", {"ca.pem": "ca-cert.pem", "cert.pem": "server-cert.pem",
+                               "key.pem": "server-key.pem"}),
+    "client": ("source", {"ca.pem": "ca-cert.pem", "cert.pem": "client-cert.pem",
+                          "key.pem": "client-key.pem"}),
+}
+
+
+def qemu_tls_object(minivmm_certs, work, endpoint):
+    """`-object tls-creds-x509` for `endpoint` (server: the destination, verifying the
+    client's certificate; client: the source), from the same CA and certificates that the
+    minivmm TLS rows use, copied under QEMU's file names."""
+    side, names = QEMU_TLS_FILES[endpoint]
+    d = os.path.join(work, f"qemu-tls-{endpoint}")
+    os.makedirs(d, exist_ok=True)
+    for ours, theirs in names.items():
+        shutil.copyfile(os.path.join(minivmm_certs, side, ours), os.path.join(d, theirs))
+    verify = ",verify-peer=on" if endpoint == "server" else ""
+    return ["-object", f"tls-creds-x509,id=tls0,dir={d},endpoint={endpoint}{verify}"]
+
+
 def run_qemu_migration(procs, *, memory_mib, prefill=None, accel="kvm", downtime_ms=300,
-                       max_bandwidth=100 * GIB, warmup_s=1.0, timeout_s=120.0):
+                       max_bandwidth=100 * GIB, warmup_s=1.0, timeout_s=120.0, tls_dir=None):
     """One QEMU live migration of an idle firmware guest (no kernel) over loopback TCP.
 
     `prefill`: a file whose contents become the source's RAM (memory-backend-file, share=off:
     private copy-on-write, so every page is non-zero and the file is never written); the
-    destination gets a plain RAM backend of the same size. Timing comes from QEMU's own
-    query-migrate on the source."""
+    destination gets a plain RAM backend of the same size. `tls_dir` (a `minivmm certs`
+    directory): the migration runs over QEMU's mutual TLS (tls-creds-x509, the destination
+    verifying the source's certificate, the source checking 127.0.0.1 against the
+    destination's). Timing comes from QEMU's own query-migrate on the source."""
     work = procs.workdir
     port = free_port()
     src_qmp = os.path.join(work, "qsrc.qmp")
@@ -698,20 +723,30 @@ def run_qemu_migration(procs, *, memory_mib, prefill=None, accel="kvm", downtime
         src_backend = f"memory-backend-file,id=m0,size={size},mem-path={prefill},share=off"
         dst_backend = f"memory-backend-ram,id=m0,size={size}"
     deadline = time.monotonic() + timeout_s
-    dst = procs.start("qdst", qemu_argv(memory_mib, dst_qmp, accel, dst_backend,
-                                        incoming=f"tcp:127.0.0.1:{port}"))
-    src = procs.start("qsrc", qemu_argv(memory_mib, src_qmp, accel, src_backend))
+    uri = f"tcp:127.0.0.1:{port}"
+    dst_argv = qemu_argv(memory_mib, dst_qmp, accel, dst_backend,
+                         incoming="defer" if tls_dir else uri)
+    src_argv = qemu_argv(memory_mib, src_qmp, accel, src_backend)
+    if tls_dir:
+        dst_argv += qemu_tls_object(tls_dir, work, "server")
+        src_argv += qemu_tls_object(tls_dir, work, "client")
+    dst = procs.start("qdst", dst_argv)
+    src = procs.start("qsrc", src_argv)
     qs = qd = None
     try:
         qd = QMP(dst_qmp)
         qs = QMP(src_qmp)
+        if tls_dir:
+            qd.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+            qd.cmd("migrate-incoming", uri=uri)
+            qs.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "127.0.0.1"})
         wait_for("QEMU destination to listen", lambda: tcp_listening(port), 30, [dst])
         qs.cmd("migrate-set-parameters", **{"max-bandwidth": max_bandwidth,
                                             "downtime-limit": downtime_ms})
         time.sleep(warmup_s)
         if qs.cmd("query-status").get("status") != "running":
             raise BenchError("QEMU source guest is not running")
-        qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        qs.cmd("migrate", uri=uri)
         while True:
             info = qs.cmd("query-migrate")
             status = info.get("status")
