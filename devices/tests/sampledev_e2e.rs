@@ -118,6 +118,23 @@ fn wr64(bus: &Bus, addr: u64, v: u64) {
     assert!(bus.write(addr, &v.to_le_bytes()));
 }
 
+/// Guest RAM as a VMM hands it to devices: a memfd sealed against shrinking (sampledev
+/// refuses anything else).
+fn sealed_memfd(size: u64) -> std::fs::File {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
+    let fd =
+        unsafe { libc::memfd_create(c"ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0);
+    // SAFETY: fd was just created and nothing else owns it.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(size).unwrap();
+    // SAFETY: F_ADD_SEALS only changes the seal set of the fd just created.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+    assert_eq!(r, 0);
+    f
+}
+
 #[test]
 fn sampledev_dma_and_msix() {
     let Some(server) = start_sampledev() else {
@@ -138,9 +155,7 @@ fn sampledev_dma_and_msix() {
     let bar0 = root.mapped_bars(slot)[0].addr;
     assert_eq!(rd64(&mmio, bar0 + REG_ID) as u32, 0x5344_5631);
 
-    let tmp = vmm_sys_util::tempfile::TempFile::new().unwrap();
-    tmp.as_file().set_len(0x10_0000).unwrap();
-    let file = tmp.as_file().try_clone().unwrap();
+    let file = sealed_memfd(0x10_0000);
     let ranges = [(GuestAddress(0), 0x10_0000, Some(FileOffset::new(file, 0)))];
     let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files(ranges).unwrap();
     let dma = DmaRegion::from_guest_memory(&mem);
