@@ -187,8 +187,25 @@ pub struct FakeDeviceState {
     pub unmasks: Vec<u32>,
     pub dma: Vec<(u64, u64)>,
     pub resets: usize,
+    /// IRQ indexes with eventfds set at each reset (a reset must find none).
+    pub live_at_reset: Vec<BTreeSet<u32>>,
+    /// VFIO_DEVICE_RESET fails (EIO).
+    pub fail_reset: bool,
     /// When set, BAR regions are mmappable whole, from this file at offset `index << 20`.
     pub mmap_file: Option<Arc<std::fs::File>>,
+}
+
+impl FakeDeviceState {
+    /// IRQ indexes that have eventfds set now, from the log.
+    pub fn live_irqs(&self) -> BTreeSet<u32> {
+        self.irq_log.iter().fold(BTreeSet::new(), |mut s, &(i, n)| {
+            match n {
+                Some(_) => s.insert(i),
+                None => s.remove(&i),
+            };
+            s
+        })
+    }
 }
 
 pub struct FakeBackend(pub Arc<Mutex<FakeDeviceState>>);
@@ -274,13 +291,7 @@ impl VfioBackend for FakeBackend {
     fn set_irq_eventfds(&mut self, index: u32, fds: &[&EventFd]) -> BackendResult<()> {
         let mut st = self.st();
         // vfio-pci refuses a second interrupt type while one is set up.
-        let live: BTreeSet<u32> = st.irq_log.iter().fold(BTreeSet::new(), |mut s, &(i, n)| {
-            match n {
-                Some(_) => s.insert(i),
-                None => s.remove(&i),
-            };
-            s
-        });
+        let live = st.live_irqs();
         if live.iter().any(|&i| i != index) {
             return Err(BackendError::Invalid(format!(
                 "IRQ {index} while {live:?} live"
@@ -312,7 +323,19 @@ impl VfioBackend for FakeBackend {
     }
 
     fn reset(&mut self) -> BackendResult<()> {
-        self.st().resets += 1;
+        let mut st = self.st();
+        if st.fail_reset {
+            return Err(BackendError::Io(std::io::Error::from_raw_os_error(
+                libc::EIO,
+            )));
+        }
+        st.resets += 1;
+        let live = st.live_irqs();
+        st.live_at_reset.push(live);
+        // The reset drops the device's eventfds.
+        for i in st.live_irqs() {
+            st.irq_log.push((i, None));
+        }
         Ok(())
     }
 

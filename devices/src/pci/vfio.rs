@@ -276,14 +276,36 @@ impl VfioPciDevice {
     /// A lost device is reported once, loudly; other failures per access.
     fn access_failed(&mut self, what: &str, e: &BackendError) {
         if matches!(e, BackendError::User(u) if u.is_device_lost()) {
-            self.lost = true;
-            log::error!(
-                "passthrough device {} lost ({e}); its BARs now read as all ones",
-                self.id
-            );
+            self.set_lost(&e.to_string());
         } else {
             log::warn!("vfio {}: {what}: {e}", self.id);
         }
+    }
+
+    /// Marks the device unusable (its BARs read as all ones from now on), reported once.
+    pub fn set_lost(&mut self, why: &str) {
+        if !self.lost {
+            log::error!(
+                "passthrough device {} lost ({why}); its BARs now read as all ones",
+                self.id
+            );
+        }
+        self.lost = true;
+    }
+
+    /// Resets the function: its interrupts off around VFIO_DEVICE_RESET, then the guest's
+    /// view pushed back (command bits, MSI/MSI-X or INTx eventfds), since the reset cleared
+    /// them on the device's side. A device whose reset fails is lost.
+    pub fn reset(&mut self) -> Result<(), VfioPciError> {
+        self.irqs.quiesce(&mut *self.backend)?;
+        if let Err(e) = self.backend.reset() {
+            self.set_lost(&format!("reset failed: {e}"));
+            return Err(e.into());
+        }
+        let command = self.shadow.read_u16(COMMAND).to_le_bytes();
+        self.device_config_write(COMMAND, &command);
+        self.irqs.rearm(&mut *self.backend)?;
+        Ok(())
     }
 
     pub fn backend_mut(&mut self) -> &mut dyn VfioBackend {

@@ -305,6 +305,27 @@ impl VfioInterrupts {
         self.sync_intx(backend)
     }
 
+    /// Before a device reset: every interrupt off on the device, so nothing signals through
+    /// eventfds the reset drops (QEMU's pre-reset does the same). The guest's view is kept.
+    pub fn quiesce(&mut self, backend: &mut dyn VfioBackend) -> Result<()> {
+        for set in [
+            self.msix.as_mut().map(|m| &mut m.set),
+            self.msi.as_mut().map(|m| &mut m.set),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            set.reconcile(&self.routing, backend, false, 0, &[])?;
+        }
+        intx_off(&mut self.intx, backend)
+    }
+
+    /// After a device reset: the device wired again as the guest configured it.
+    pub fn rearm(&mut self, backend: &mut dyn VfioBackend) -> Result<()> {
+        self.reconcile_msix(backend, &[])?;
+        self.reconcile_msi(backend)
+    }
+
     pub fn state(&self) -> InterruptState {
         InterruptState {
             msix: self.msix.as_ref().map(|m| m.config.state()),

@@ -32,6 +32,7 @@ use super::vfio_backend::{
 };
 
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 7);
+ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
 
 const EEXIST: i32 = libc::EEXIST;
 
@@ -255,7 +256,18 @@ impl VfioBackend for KernelVfioBackend {
         if self.flags & VFIO_DEVICE_FLAGS_RESET == 0 {
             return Err(BackendError::Unsupported("device reset"));
         }
-        self.device.reset();
+        // Issued here because vfio-ioctls' reset() drops the ioctl's result.
+        // SAFETY: VFIO_DEVICE_RESET takes no argument; the fd is this device's.
+        let ret = unsafe { vmm_sys_util::ioctl::ioctl(&*self.file, VFIO_DEVICE_RESET()) };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // The reset ends any migration session and leaves the device RUNNING; setting
+        // RUNNING (a no-op arc) makes vfio-ioctls drop the session's cached data_fd, which
+        // would otherwise be read or written by the next session.
+        if self.device.query_migration_support()?.is_some() {
+            self.device.set_migration_state(MigrationState::Running as u32)?;
+        }
         Ok(())
     }
 

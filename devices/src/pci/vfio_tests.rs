@@ -393,3 +393,34 @@ fn intx_without_an_unmask_eventfd_is_unmasked_by_the_vmm_after_eoi() {
     let (d, _) = open(&fake(), Some(11));
     assert!(d.intx_eoi_fd().is_none());
 }
+
+#[test]
+fn a_reset_finds_interrupts_off_and_restores_the_guests_wiring() {
+    let st = fake();
+    let (mut d, _) = open(&st, Some(10));
+    program_vector(&mut d, 1, 0x41);
+    wr(&mut d, MSIX_CAP + 3, &[0x80]);
+    d.reset().unwrap();
+    let s = st.lock().unwrap();
+    assert_eq!(s.resets, 1);
+    assert!(s.live_at_reset[0].is_empty(), "{:?}", s.live_at_reset);
+    assert_eq!(s.live_irqs(), [MSIX].into(), "{:?}", s.irq_log);
+    drop(s);
+    // Guest back to INTx: a reset re-arms INTx, not MSI-X.
+    wr(&mut d, MSIX_CAP + 3, &[0x00]);
+    d.reset().unwrap();
+    assert_eq!(st.lock().unwrap().live_irqs(), [INTX].into());
+    assert!(!d.is_lost());
+}
+
+#[test]
+fn a_failed_reset_leaves_the_device_lost() {
+    let st = fake();
+    let (mut d, _) = open(&st, Some(10));
+    st.lock().unwrap().fail_reset = true;
+    assert!(d.reset().is_err());
+    assert!(d.is_lost());
+    let mut b = [0u8; 4];
+    d.read_bar(0, 0, &mut b);
+    assert_eq!(b, [0xff; 4]);
+}

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::pci::vfio_backend::{BackendError, MigrationState, VfioBackend};
-use devices::pci::{PciDevice, VfioPciDevice};
+use devices::pci::VfioPciDevice;
 use migration::description::{DeviceDescription, MigrationCaps};
 use migration::protocol::ProtocolError;
 
@@ -197,19 +197,19 @@ impl MigratingDevice {
         false
     }
 
-    /// VFIO_DEVICE_RESET, then the emulated registers pushed to the device again (command
-    /// bits, MSI-X and its eventfds), which the reset cleared on the device's side. Returns
-    /// whether the reset worked.
+    /// VFIO_DEVICE_RESET with the device's interrupts off around it and the guest's view
+    /// pushed back after. Returns whether the device came back usable: a failed reset, or a
+    /// device still in ERROR after it, leaves the device lost (its BARs read as all ones)
+    /// rather than used.
     pub fn reset(&mut self) -> bool {
-        let mut d = lock(&self.dev);
-        if let Err(e) = d.backend_mut().reset() {
+        if let Err(e) = lock(&self.dev).reset() {
             log::error!("{}: reset failed: {e}; the device is unusable", self.label);
             return false;
         }
         log::info!("{}: reset", self.label);
-        let reapplied = d.save_state().and_then(|s| d.restore_state(&s));
-        if let Err(e) = reapplied {
-            log::error!("{}: re-applying config after the reset: {e}", self.label);
+        if let Ok(MigrationState::Error) = self.state() {
+            lock(&self.dev).set_lost("still in ERROR after a reset");
+            return false;
         }
         true
     }
