@@ -14,6 +14,7 @@ pub mod vfio;
 pub mod vfio_backend;
 pub mod vfio_interrupts;
 pub mod vfio_kernel;
+mod vfio_regions;
 pub mod vfio_user;
 mod windows;
 

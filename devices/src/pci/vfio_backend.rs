@@ -242,6 +242,19 @@ pub trait VfioBackend: Send {
     fn dma_logging_stop(&mut self) -> Result<()> {
         Err(BackendError::Unsupported("DMA logging"))
     }
+
+    /// Whether the device can log its DMA writes at `page_size` (Ok), or why not. Backends
+    /// without a probe call start logging over `ranges` and stop it again.
+    fn dma_logging_probe(&mut self, page_size: u64, ranges: &[(u64, u64)]) -> Result<()> {
+        let page = self.dma_logging_start(page_size, ranges)?;
+        self.dma_logging_stop()?;
+        if page != page_size {
+            return Err(BackendError::Invalid(format!(
+                "device logs {page}-byte pages, not {page_size}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -16,23 +16,24 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
 use vfio_bindings::bindings::vfio::{
-    VFIO_BASE, VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
-    VFIO_TYPE, vfio_device_info,
+    VFIO_BASE, VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_PROBE,
+    VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED, VFIO_REGION_TYPE_MIGRATION_DEPRECATED, VFIO_TYPE,
+    vfio_device_feature, vfio_device_info,
 };
-use vfio_ioctls::{
-    DmaLoggingRange, VfioContainer, VfioDevice, VfioDeviceFd, VfioError, VfioRegionInfoCap,
-};
+use vfio_ioctls::{DmaLoggingRange, VfioContainer, VfioDevice, VfioDeviceFd, VfioError};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
 use super::vfio_backend::{
-    BackendError, DmaRegion, MigrationState, MmapArea, Result, VFIO_DEVICE_FLAGS_RESET,
-    VfioBackend, VfioDeviceInfo, VfioIrqInfo, VfioRegionInfo, migration_state_from,
+    BackendError, DmaRegion, MigrationState, Result, VFIO_DEVICE_FLAGS_RESET, VfioBackend,
+    VfioDeviceInfo, VfioIrqInfo, VfioRegionInfo, migration_state_from,
 };
+use super::vfio_regions::{self, KernelRegion};
 
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 7);
 ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
+ioctl_io_nr!(VFIO_DEVICE_FEATURE, VFIO_TYPE as u32, VFIO_BASE + 17);
 
 const EEXIST: i32 = libc::EEXIST;
 
@@ -110,6 +111,8 @@ pub struct KernelVfioBackend {
     flags: u32,
     num_regions: u32,
     num_irqs: u32,
+    /// Region info by index, read here rather than from vfio-ioctls (see vfio_regions).
+    regions: BTreeMap<u32, KernelRegion>,
 }
 
 impl KernelVfioBackend {
@@ -131,6 +134,8 @@ impl KernelVfioBackend {
         if ret < 0 {
             return Err(std::io::Error::last_os_error().into());
         }
+        let regions =
+            vfio_regions::region_table(info.num_regions, |i| vfio_regions::query(&file, i))?;
         Ok(KernelVfioBackend {
             device,
             container,
@@ -138,37 +143,23 @@ impl KernelVfioBackend {
             flags: info.flags,
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
+            regions,
         })
     }
 
     /// Byte range `offset..offset+len` of region `index` as a device-file offset, if inside.
     fn file_offset(&self, index: u32, offset: u64, len: usize) -> Result<u64> {
-        let size = self.device.get_region_size(index);
+        let (size, base) = self
+            .regions
+            .get(&index)
+            .map_or((0, 0), |r| (r.size, r.offset));
         match offset.checked_add(len as u64) {
-            Some(end) if index < self.num_regions && end <= size => {
-                Ok(self.device.get_region_offset(index) + offset)
-            }
+            Some(end) if end <= size => Ok(base + offset),
             _ => Err(BackendError::Invalid(format!(
                 "{len} bytes at {offset:#x} of region {index} ({size:#x} bytes)"
             ))),
         }
     }
-}
-
-/// Mappable areas from vfio-ioctls' capability list.
-fn sparse_areas(caps: &[VfioRegionInfoCap]) -> Option<Vec<MmapArea>> {
-    caps.iter().find_map(|c| match c {
-        VfioRegionInfoCap::SparseMmap(s) => Some(
-            s.areas
-                .iter()
-                .map(|a| MmapArea {
-                    offset: a.offset,
-                    size: a.size,
-                })
-                .collect(),
-        ),
-        _ => None,
-    })
 }
 
 impl VfioBackend for KernelVfioBackend {
@@ -181,15 +172,12 @@ impl VfioBackend for KernelVfioBackend {
     }
 
     fn region_info(&mut self, index: u32) -> Result<VfioRegionInfo> {
-        if index >= self.num_regions {
+        let Some(r) = self.regions.get(&index) else {
             return Ok(VfioRegionInfo::default());
-        }
-        let flags = self.device.get_region_flags(index);
-        let size = self.device.get_region_size(index);
-        let sparse = sparse_areas(&self.device.get_region_caps(index));
-        let mmap_areas = VfioRegionInfo::areas_from(flags, size, sparse);
-        let mmap_fd = (!mmap_areas.is_empty())
-            .then(|| (self.file.clone(), self.device.get_region_offset(index)));
+        };
+        let (flags, size) = (r.flags, r.size);
+        let mmap_areas = VfioRegionInfo::areas_from(flags, size, r.caps.sparse.clone());
+        let mmap_fd = (!mmap_areas.is_empty()).then(|| (self.file.clone(), r.offset));
         Ok(VfioRegionInfo {
             flags,
             size,
@@ -266,7 +254,8 @@ impl VfioBackend for KernelVfioBackend {
         // RUNNING (a no-op arc) makes vfio-ioctls drop the session's cached data_fd, which
         // would otherwise be read or written by the next session.
         if self.device.query_migration_support()?.is_some() {
-            self.device.set_migration_state(MigrationState::Running as u32)?;
+            self.device
+                .set_migration_state(MigrationState::Running as u32)?;
         }
         Ok(())
     }
@@ -284,14 +273,15 @@ impl VfioBackend for KernelVfioBackend {
     }
 
     fn migration_region_v1(&mut self) -> Result<Option<(u32, u64)>> {
-        let is_v1 = |c: &VfioRegionInfoCap| {
-            matches!(c, VfioRegionInfoCap::Type(t)
-                if t.type_ == VFIO_REGION_TYPE_MIGRATION_DEPRECATED
-                    && t.subtype == VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED)
-        };
-        let found =
-            (0..self.num_regions).find(|&i| self.device.get_region_caps(i).iter().any(is_v1));
-        Ok(found.map(|i| (i, self.device.get_region_size(i))))
+        let v1 = (
+            VFIO_REGION_TYPE_MIGRATION_DEPRECATED,
+            VFIO_REGION_SUBTYPE_MIGRATION_DEPRECATED,
+        );
+        Ok(self
+            .regions
+            .iter()
+            .find(|(_, r)| r.caps.type_ == Some(v1))
+            .map(|(&i, r)| (i, r.size)))
     }
 
     fn set_migration_state(&mut self, state: MigrationState) -> Result<()> {
@@ -341,30 +331,42 @@ impl VfioBackend for KernelVfioBackend {
     fn dma_logging_stop(&mut self) -> Result<()> {
         Ok(self.device.stop_dma_logging()?)
     }
+
+    /// VFIO_DEVICE_FEATURE_PROBE answers without starting anything (a START+STOP probe
+    /// would leave a device that fails the STOP logging).
+    fn dma_logging_probe(&mut self, _page_size: u64, _ranges: &[(u64, u64)]) -> Result<()> {
+        let mut probe = vfio_device_feature {
+            argsz: std::mem::size_of::<vfio_device_feature>() as u32,
+            flags: VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+            ..Default::default()
+        };
+        // SAFETY: a PROBE carries no payload; the kernel reads `argsz` bytes of `probe`.
+        let ret = unsafe { ioctl_with_mut_ref(&*self.file, VFIO_DEVICE_FEATURE(), &mut probe) };
+        if ret < 0 {
+            return Err(BackendError::Io(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use vfio_ioctls::{VfioRegionInfoCapSparseMmap, VfioRegionSparseMmapArea};
-
     use super::*;
-    use crate::pci::vfio_backend::VFIO_REGION_INFO_FLAG_MMAP;
+    use crate::pci::vfio_backend::{MmapArea, VFIO_REGION_INFO_FLAG_MMAP};
 
     #[test]
     fn sparse_caps_become_areas_within_the_region() {
-        let caps = vec![VfioRegionInfoCap::SparseMmap(VfioRegionInfoCapSparseMmap {
-            areas: vec![
-                VfioRegionSparseMmapArea {
-                    offset: 0,
-                    size: 0x1000,
-                },
-                VfioRegionSparseMmapArea {
-                    offset: 0x3000,
-                    size: 0x2000,
-                },
-            ],
-        })];
-        let a = VfioRegionInfo::areas_from(VFIO_REGION_INFO_FLAG_MMAP, 0x4000, sparse_areas(&caps));
+        let caps = vec![
+            MmapArea {
+                offset: 0,
+                size: 0x1000,
+            },
+            MmapArea {
+                offset: 0x3000,
+                size: 0x2000,
+            },
+        ];
+        let a = VfioRegionInfo::areas_from(VFIO_REGION_INFO_FLAG_MMAP, 0x4000, Some(caps));
         assert_eq!(
             a,
             vec![MmapArea {

@@ -4,8 +4,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::pci::vfio_backend::{BackendError, MigrationState, VfioBackend};
 use devices::pci::VfioPciDevice;
+use devices::pci::vfio_backend::{BackendError, MigrationState, VfioBackend};
 use migration::description::{DeviceDescription, MigrationCaps};
 use migration::protocol::ProtocolError;
 

@@ -12,9 +12,10 @@ use migration::precopy::DeviceHooks;
 use migration::protocol::{Channel, DevicePhase, Message};
 use migration::ranges::MemoryRange;
 
-use super::dma_log::{DeviceDmaLog, start_logging};
+use super::dma_log::DeviceDmaLog;
 use super::driver::{Chunk, MAX_CHUNK, MIGRATION_P2P, MIGRATION_PRE_COPY};
 use crate::devices_setup::Passthrough;
+use migration::ranges::PAGE_SIZE;
 
 use super::passthrough::{DeviceError, MigratingDevice, SharedVfio, lock};
 
@@ -235,14 +236,14 @@ impl SourceDevices {
     }
 }
 
-/// Whether the device can log DMA writes to `ram`: a START (then STOP) answers it for both
-/// backends, which share no probe call.
+/// Whether the device can log DMA writes to `ram`, asked the backend's way (a kernel
+/// FEATURE_PROBE; START then STOP where there is no probe).
 fn probe_dma_log(dev: &MigratingDevice, ram: &[MemoryRange]) -> Result<(), String> {
-    let mut d = lock(&dev.dev);
-    start_logging(&mut d, ram)?;
-    d.backend_mut()
-        .dma_logging_stop()
-        .map_err(|e| format!("stopping the probe: {e}"))
+    let pairs: Vec<(u64, u64)> = ram.iter().map(|r| (r.gpa, r.len)).collect();
+    lock(&dev.dev)
+        .backend_mut()
+        .dma_logging_probe(PAGE_SIZE, &pairs)
+        .map_err(|e| e.to_string())
 }
 
 /// Initial pre-copy bytes still to read; a device without PRECOPY_INFO ends its initial
