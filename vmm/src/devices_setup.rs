@@ -127,6 +127,16 @@ pub struct Devices {
     kernel_vfio: Option<Arc<KernelVfioContainer>>,
 }
 
+impl Drop for Devices {
+    /// Passthrough devices may outlive this (their Arcs sit on the buses); their DMA
+    /// mappings must not outlive the guest RAM, which the machine frees next.
+    fn drop(&mut self) {
+        for p in &self.passthrough {
+            p.dev.lock().unwrap_or_else(|e| e.into_inner()).release_dma();
+        }
+    }
+}
+
 impl Devices {
     pub fn new(
         vm: &Vm,

@@ -50,11 +50,13 @@ pub enum MachineError {
 
 /// Everything a live VM consists of. Held behind a mutex shared by the event loop, the
 /// control API and the migration thread.
+/// Fields drop in order: vCPU threads stop first, then devices (passthrough devices withdraw
+/// their DMA mappings), then the guest RAM those mappings pointed into, then the VM.
 pub struct Machine {
-    pub vm: Vm,
-    pub ram: Ram,
     pub vcpus: Vcpus,
     pub devices: Devices,
+    pub ram: Ram,
+    pub vm: Vm,
     pub exit: ExitSignal,
     pub started: Instant,
     /// The CPUID vCPU 0 was configured with (what a destination must match).

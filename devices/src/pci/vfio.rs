@@ -72,7 +72,6 @@ struct VfioPciState {
 
 pub struct VfioPciDevice {
     id: String,
-    backend: Box<dyn VfioBackend>,
     /// The emulated registers (see the module comment); other bytes of it are unused.
     shadow: PciConfiguration,
     /// Region info of each BAR, by BAR index.
@@ -86,6 +85,11 @@ pub struct VfioPciDevice {
     /// Bytes of configuration space the device's region has (mtty: 255); beyond them up to
     /// 256, reads are 0 and writes are dropped, as QEMU reads MIN(config size, region size).
     config_len: usize,
+    /// DMA ranges (iova, size) mapped for the device, unmapped when it goes.
+    dma: Vec<(u64, u64)>,
+    /// Last, so it drops after everything holding its files (region mmap fds): a kernel
+    /// device fd that outlives the device keeps its group busy.
+    backend: Box<dyn VfioBackend>,
 }
 
 fn header_of(raw: &[u8; CONFIG_SPACE_SIZE], interrupt_pin: u8) -> PciHeader {
@@ -244,6 +248,7 @@ impl VfioPciDevice {
             bar_maps: BTreeMap::new(),
             lost: false,
             config_len,
+            dma: Vec::new(),
         })
     }
 
@@ -316,6 +321,7 @@ impl VfioPciDevice {
     pub fn dma_map(&mut self, regions: &[DmaRegion]) -> Result<(), VfioPciError> {
         for r in regions {
             self.backend.dma_map(r)?;
+            self.dma.push((r.iova, r.size));
         }
         Ok(())
     }
@@ -323,8 +329,18 @@ impl VfioPciDevice {
     pub fn dma_unmap(&mut self, regions: &[DmaRegion]) -> Result<(), VfioPciError> {
         for r in regions {
             self.backend.dma_unmap(r.iova, r.size)?;
+            self.dma.retain(|&m| m != (r.iova, r.size));
         }
         Ok(())
+    }
+
+    /// Withdraws every DMA mapping, before the guest RAM behind them is freed.
+    pub fn release_dma(&mut self) {
+        for (iova, size) in std::mem::take(&mut self.dma) {
+            if let Err(e) = self.backend.dma_unmap(iova, size) {
+                log::warn!("vfio {}: unmapping DMA {iova:#x}+{size:#x}: {e}", self.id);
+            }
+        }
     }
 
     /// Region info of BAR `bar` (size, mmap areas and fd).
@@ -382,6 +398,7 @@ impl Drop for VfioPciDevice {
     fn drop(&mut self) {
         let bars: Vec<usize> = self.bar_maps.keys().copied().collect();
         bars.into_iter().for_each(|b| self.unmap_bar(b));
+        self.release_dma();
     }
 }
 

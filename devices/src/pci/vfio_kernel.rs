@@ -35,8 +35,6 @@ ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE as u32, VFIO_BASE + 7);
 ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE as u32, VFIO_BASE + 11);
 ioctl_io_nr!(VFIO_DEVICE_FEATURE, VFIO_TYPE as u32, VFIO_BASE + 17);
 
-const EEXIST: i32 = libc::EEXIST;
-
 /// The VM's VFIO container. Guest RAM is mapped into it once however many devices share it:
 /// each backend's `dma_map` takes a reference on the range, the last `dma_unmap` drops it.
 pub struct KernelVfioContainer {
@@ -76,12 +74,9 @@ impl KernelVfioContainer {
         // from every device (its constructors' contract), and the last unmap below happens
         // before that.
         let res = unsafe { self.container.vfio_dma_map(r.iova, size, r.host_addr()) };
-        match res {
-            Ok(()) => {}
-            // Mapped behind our back (another container user): count it as ours too.
-            Err(VfioError::IommuDmaMap(e)) if e.errno() == EEXIST => {}
-            Err(e) => return Err(e.into()),
-        }
+        // EEXIST is an error too: a range mapped behind the container's back is not ours to
+        // count or to unmap later.
+        res?;
         mapped.insert(key, 1);
         Ok(())
     }
@@ -103,11 +98,13 @@ impl KernelVfioContainer {
 }
 
 pub struct KernelVfioBackend {
+    /// A duplicate of the device fd for positioned I/O (with errors, which vfio-ioctls'
+    /// region_read/write only log) and for mmapping BARs. Declared before `device` so it is
+    /// closed first: while any copy of the device fd is open, vfio-ioctls' release of the
+    /// group on `device`'s drop fails with EBUSY.
+    file: Arc<File>,
     device: VfioDevice,
     container: Arc<KernelVfioContainer>,
-    /// A duplicate of the device fd for positioned I/O (with errors, which vfio-ioctls'
-    /// region_read/write only log) and for mmapping BARs.
-    file: Arc<File>,
     flags: u32,
     num_regions: u32,
     num_irqs: u32,

@@ -424,3 +424,16 @@ fn a_failed_reset_leaves_the_device_lost() {
     d.read_bar(0, 0, &mut b);
     assert_eq!(b, [0xff; 4]);
 }
+
+#[test]
+fn dropping_the_device_withdraws_its_dma_mappings() {
+    let st = fake();
+    let (mut d, _) = open(&st, None);
+    let mut ram = vec![0u8; 0x2000];
+    // SAFETY: `ram` outlives the fake backend's use of it (the fake only records ranges).
+    let region = unsafe { DmaRegion::new(0x10_0000, 0x2000, ram.as_mut_ptr(), None) };
+    d.dma_map(std::slice::from_ref(&region)).unwrap();
+    assert_eq!(st.lock().unwrap().dma, vec![(0x10_0000, 0x2000)]);
+    drop(d);
+    assert!(st.lock().unwrap().dma.is_empty());
+}
