@@ -132,7 +132,10 @@ impl Drop for Devices {
     /// mappings must not outlive the guest RAM, which the machine frees next.
     fn drop(&mut self) {
         for p in &self.passthrough {
-            p.dev.lock().unwrap_or_else(|e| e.into_inner()).release_dma();
+            p.dev
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release_dma();
         }
     }
 }
