@@ -11,7 +11,7 @@ use std::process::Command;
 
 /// Guest programs: `programs/<name>.rs` becomes `$OUT_DIR/<name>.elf`. Keep in sync with
 /// `src/lib.rs`.
-const GUESTS: &[&str] = &["hello", "dirtier", "smp", "dmatest", "gpio"];
+const GUESTS: &[&str] = &["hello", "dirtier", "smp", "dmatest", "gpio", "mtty"];
 
 fn main() {
     let manifest_dir =

@@ -52,6 +52,10 @@ static GUESTS: &[Guest] = &[
         "gpio",
         "drives a PCI-IDIO-16 GPIO card (libvfio-user's gpio-pci-idio-16) through its I/O BAR: pulses outputs, checks inputs (rounds= ms=)"
     ),
+    guest!(
+        "mtty",
+        "drives the kernel's mtty sample (4348:3253): prints its config space, counts INTx loopback rounds, leaves FIFO/scratch state to check after a migration (rounds= after= hold_ms= hb_ms= irq_ms= gap_ms=)"
+    ),
 ];
 
 /// Every embedded guest.
