@@ -2,9 +2,9 @@
 //! registered with KVM's VFIO pseudo-device), groups opened through it, and one device fd per
 //! function. mdev devices (e.g. the mtty sample) open the same way through their sysfs path.
 //!
-//! Nothing below [`VfioBackend`] can run on the build machines (no `/dev/vfio`): this file is
-//! compiled and its pure parts are unit-tested; the ioctl paths are exercised by
-//! `scripts/mtty-vfio.sh` on a host with VFIO.
+//! The build machines have no `/dev/vfio`: there the ioctl paths run against `vfio-model`, an
+//! LD_PRELOAD model of the kernel side serving mtty (`vmm/tests/kernel_vfio_model.rs`), and
+//! against the real kernel only through `scripts/mtty-vfio.sh` on a host with VFIO.
 
 use std::collections::BTreeMap;
 use std::fs::File;
