@@ -344,6 +344,10 @@ impl VfioBackend for FakeBackend {
         Ok(())
     }
 
+    fn release_dma(&mut self) {
+        self.st().dma.clear();
+    }
+
     fn dma_unmap(&mut self, iova: u64, size: u64) -> BackendResult<()> {
         let mut st = self.st();
         let before = st.dma.len();

@@ -85,8 +85,6 @@ pub struct VfioPciDevice {
     /// Bytes of configuration space the device's region has (mtty: 255); beyond them up to
     /// 256, reads are 0 and writes are dropped, as QEMU reads MIN(config size, region size).
     config_len: usize,
-    /// DMA ranges (iova, size) mapped for the device, unmapped when it goes.
-    dma: Vec<(u64, u64)>,
     /// Last, so it drops after everything holding its files (region mmap fds): a kernel
     /// device fd that outlives the device keeps its group busy.
     backend: Box<dyn VfioBackend>,
@@ -248,7 +246,6 @@ impl VfioPciDevice {
             bar_maps: BTreeMap::new(),
             lost: false,
             config_len,
-            dma: Vec::new(),
         })
     }
 
@@ -321,7 +318,6 @@ impl VfioPciDevice {
     pub fn dma_map(&mut self, regions: &[DmaRegion]) -> Result<(), VfioPciError> {
         for r in regions {
             self.backend.dma_map(r)?;
-            self.dma.push((r.iova, r.size));
         }
         Ok(())
     }
@@ -329,18 +325,13 @@ impl VfioPciDevice {
     pub fn dma_unmap(&mut self, regions: &[DmaRegion]) -> Result<(), VfioPciError> {
         for r in regions {
             self.backend.dma_unmap(r.iova, r.size)?;
-            self.dma.retain(|&m| m != (r.iova, r.size));
         }
         Ok(())
     }
 
-    /// Withdraws every DMA mapping, before the guest RAM behind them is freed.
+    /// Withdraws the DMA mappings that would outlive the guest RAM behind them.
     pub fn release_dma(&mut self) {
-        for (iova, size) in std::mem::take(&mut self.dma) {
-            if let Err(e) = self.backend.dma_unmap(iova, size) {
-                log::warn!("vfio {}: unmapping DMA {iova:#x}+{size:#x}: {e}", self.id);
-            }
-        }
+        self.backend.release_dma();
     }
 
     /// Region info of BAR `bar` (size, mmap areas and fd).

@@ -243,6 +243,12 @@ pub trait VfioBackend: Send {
         Err(BackendError::Unsupported("DMA logging"))
     }
 
+    /// Withdraws the DMA mappings still in place, before the guest RAM behind them is
+    /// freed. The default does nothing: a vfio-user server's mappings are its own mmaps of
+    /// the RAM file, dropped when the connection closes (and a server may refuse DMA_UNMAP
+    /// in the STOP state a migrated-away device is left in).
+    fn release_dma(&mut self) {}
+
     /// Whether the device can log its DMA writes at `page_size` (Ok), or why not. Backends
     /// without a probe call start logging over `ranges` and stop it again.
     fn dma_logging_probe(&mut self, page_size: u64, ranges: &[(u64, u64)]) -> Result<()> {

@@ -238,7 +238,17 @@ impl VfioBackend for KernelVfioBackend {
     }
 
     fn reset(&mut self) -> Result<()> {
-        if self.flags & VFIO_DEVICE_FLAGS_RESET == 0 {
+        // Without VFIO_DEVICE_FLAGS_RESET the function has no reset of its own, but a
+        // migration driver still implements VFIO_DEVICE_RESET: the uAPI makes it the only way
+        // out of ERROR or an aborted RESUMING, and QEMU's migration error path issues it
+        // whatever the flag says. mtty sets no flag, so a destination aborting a resume
+        // called its reset unsupported and lost the device. Outside a migration session it
+        // stays unsupported (it would not reset such a function's registers).
+        let session = || -> Result<bool> {
+            Ok(self.device.query_migration_support()?.is_some()
+                && self.device.get_migration_state()? != MigrationState::Running as u32)
+        };
+        if self.flags & VFIO_DEVICE_FLAGS_RESET == 0 && !session()? {
             return Err(BackendError::Unsupported("device reset"));
         }
         // Issued here because vfio-ioctls' reset() drops the ioctl's result.
