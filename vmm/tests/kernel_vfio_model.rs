@@ -181,6 +181,11 @@ fn boots_reads_config_space_and_gets_intx() {
         log.contains("DEVICE_SET_IRQS(flags 0x11) -> Ok(0)"),
         "no userspace unmask (DATA_NONE | ACTION_UNMASK):\n{log}"
     );
+    // Teardown withdrew guest RAM from the container before freeing it.
+    assert!(
+        log.contains("IOMMU_UNMAP_DMA -> Ok(0)"),
+        "DMA left mapped at exit:\n{log}"
+    );
     dev.assert_no_refused_access();
 }
 
@@ -280,4 +285,59 @@ fn migrates_with_device_state_in_stop_copy_only_without_dma_logging() {
         "{s}"
     );
     assert_eq!(stats["vfio"]["transferred"], 24 + 2 * 36, "{stats}");
+}
+
+/// A destination whose device refuses the stream (a one-port mtty for a two-port one: the
+/// model, as mtty, rejects the header on write) fails the migration before Go; the guest
+/// stays on the source with its device state, which it then reads back there.
+#[test]
+fn a_destination_device_refusing_the_state_leaves_the_guest_on_the_source() {
+    let sdev = FakeDevice::new(42, "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001", "");
+    let ddev = FakeDevice::new(7, "c0ffee00-509f-382f-3c1e-e6bfe0fa1002", ",ports=1");
+    let addr = free_addr();
+    let mut dst = Vm::spawn_env(
+        &["receive", "--listen", &addr, "--vfio", &ddev.path],
+        &ddev.env(),
+    );
+    wait_listening(&addr);
+    let mut src = Vm::spawn_env(
+        &[
+            "run",
+            "--guest",
+            "mtty",
+            "--memory",
+            "64M",
+            "--vfio",
+            &sdev.path,
+            "--cmdline",
+            "rounds=4 after=4 hold_ms=4000 hb_ms=50",
+        ],
+        &sdev.env(),
+    );
+    src.wait_line(|l| l.starts_with("MTTY loaded "), LIMIT);
+    migrate_request(&src, &addr, "");
+    let stats = wait_migration_end(&src);
+    assert_ne!(stats["status"], "completed", "{stats}");
+    assert_ne!(dst.wait_exit(LIMIT).code(), Some(0));
+    assert_eq!(src.wait_exit(LIMIT).code(), Some(0), "{}", src.stderr());
+    let lines = src.lines();
+    no_bad(&lines);
+    assert_eq!(
+        line_with(&lines, "MTTY state "),
+        "MTTY state ok fifo0=12:minivmm-mtty fifo1=5:state scr=0x5a,0xa5 lcr1=0x1b"
+    );
+    assert_intx_rounds(line_with(&lines, "MTTY intx after ok "), 4);
+    assert_contiguous(&heartbeats(&lines));
+    // The destination ended its RESUMING session with VFIO_DEVICE_RESET, which mtty
+    // implements though it sets no VFIO_DEVICE_FLAGS_RESET, rather than losing the device.
+    let (d, derr) = (ddev.log(), dst.stderr());
+    assert!(d.contains("write Resume(1) 24 -> Err(Errno(14))"), "{d}");
+    assert!(d.contains("DEVICE_RESET -> Ok(0)"), "{d}");
+    assert!(
+        !derr.contains("lost") && !derr.contains("reset failed"),
+        "{derr}"
+    );
+    let s = sdev.log();
+    // The source's device went back to RUNNING (its session ended) and kept working.
+    assert!(s.contains("-> RUNNING: Ok"), "{s}");
 }

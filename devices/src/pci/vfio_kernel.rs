@@ -110,6 +110,8 @@ pub struct KernelVfioBackend {
     num_irqs: u32,
     /// Region info by index, read here rather than from vfio-ioctls (see vfio_regions).
     regions: BTreeMap<u32, KernelRegion>,
+    /// The container references this device holds (iova, size), withdrawn by release_dma.
+    dma: Vec<(u64, u64)>,
 }
 
 impl KernelVfioBackend {
@@ -141,6 +143,7 @@ impl KernelVfioBackend {
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
             regions,
+            dma: Vec::new(),
         })
     }
 
@@ -268,11 +271,27 @@ impl VfioBackend for KernelVfioBackend {
     }
 
     fn dma_map(&mut self, region: &DmaRegion) -> Result<()> {
-        self.container.map(region)
+        self.container.map(region)?;
+        self.dma.push((region.iova, region.size));
+        Ok(())
     }
 
     fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
-        self.container.unmap(iova, size)
+        self.container.unmap(iova, size)?;
+        if let Some(i) = self.dma.iter().position(|&m| m == (iova, size)) {
+            self.dma.remove(i);
+        }
+        Ok(())
+    }
+
+    /// Container mappings pin guest RAM and outlive it unless withdrawn: drop this device's
+    /// references (the container unmaps a range when its last user goes).
+    fn release_dma(&mut self) {
+        for (iova, size) in std::mem::take(&mut self.dma) {
+            if let Err(e) = self.container.unmap(iova, size) {
+                log::warn!("kernel VFIO: unmapping DMA {iova:#x}+{size:#x}: {e}");
+            }
+        }
     }
 
     fn migration_features(&mut self) -> Result<Option<u64>> {
