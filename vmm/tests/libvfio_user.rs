@@ -211,18 +211,7 @@ fn sample_server_state_migrates_in_stop_copy() {
         serde_json::from_str(src.stdout().trim()).expect("source stats JSON");
     assert_eq!(stats["status"], "completed", "{stats}");
     assert_eq!(stats["vfio"]["transferred"], SERVER_STATE_BYTES, "{stats}");
-    let passes = src
-        .lines()
-        .iter()
-        .filter(|l| l.starts_with("PASS "))
-        .count();
-    let want = format!("PASS {} ok", passes + 2);
-    dst.wait_line(|l| l.starts_with(&want), LIMIT);
-    assert_eq!(dst.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
-    assert_eq!(dst.wait_exit(LIMIT).code(), Some(0), "{}", dst.stderr());
-    let all = joined_lines(&src, &dst);
-    no_bad(&all);
-    assert_contiguous(&heartbeats(&all));
+    runs_on_at_destination(&src, &mut dst, LIMIT);
     p1.assert_quiet();
     p2.assert_quiet();
 }

@@ -526,16 +526,5 @@ fn a_paused_guest_stays_paused_on_the_destination() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(heartbeats(&joined_lines(&src, &dst)).len(), hb);
     assert_eq!(dst.ctl(r#"{"cmd":"resume"}"#)["ok"], true);
-    let passes = src
-        .lines()
-        .iter()
-        .filter(|l| l.starts_with("PASS "))
-        .count();
-    let want = format!("PASS {} ok", passes + 2);
-    dst.wait_line(|l| l.starts_with(&want), LIMIT);
-    assert_eq!(dst.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
-    assert_eq!(dst.wait_exit(LIMIT).code(), Some(0), "{}", dst.stderr());
-    let all = joined_lines(&src, &dst);
-    no_bad(&all);
-    assert_contiguous(&heartbeats(&all));
+    runs_on_at_destination(&src, &mut dst, LIMIT);
 }

@@ -70,18 +70,7 @@ fn refused(src: &Vm, what: &str) {
 /// page and heartbeat in order.
 fn completes(mut src: Vm, mut dst: Vm) {
     assert_eq!(src.wait_exit(LIMIT).code(), Some(0), "{}", src.stderr());
-    let passes = src
-        .lines()
-        .iter()
-        .filter(|l| l.starts_with("PASS "))
-        .count();
-    let want = format!("PASS {} ok", passes + 2);
-    dst.wait_line(|l| l.starts_with(&want), LIMIT);
-    assert_eq!(dst.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
-    assert_eq!(dst.wait_exit(LIMIT).code(), Some(0), "{}", dst.stderr());
-    let all = joined_lines(&src, &dst);
-    no_bad(&all);
-    assert_contiguous(&heartbeats(&all));
+    runs_on_at_destination(&src, &mut dst, LIMIT);
 }
 
 #[test]

@@ -367,6 +367,24 @@ pub fn wait_migration_end(src: &Vm) -> serde_json::Value {
     }
 }
 
+/// After a completed migration of the dirtier: the guest runs two more full verify passes
+/// on the destination, which then shuts down cleanly, and the joined serial logs show no
+/// problem and every heartbeat in order.
+pub fn runs_on_at_destination(src: &Vm, dst: &mut Vm, limit: Duration) {
+    let passes = src
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("PASS "))
+        .count();
+    let want = format!("PASS {} ok", passes + 2);
+    dst.wait_line(|l| l.starts_with(&want), limit);
+    assert_eq!(dst.ctl(r#"{"cmd":"shutdown"}"#)["ok"], true);
+    assert_eq!(dst.wait_exit(limit).code(), Some(0), "{}", dst.stderr());
+    let all = joined_lines(src, dst);
+    no_bad(&all);
+    assert_contiguous(&heartbeats(&all));
+}
+
 pub fn no_bad(lines: &[String]) {
     let bad: Vec<&String> = lines
         .iter()
